@@ -1,0 +1,39 @@
+# hdrq-lightning: `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+EXPERIMENT ?= digits
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -c "import torch, torchvision, timm, segmentation_models_pytorch, lightning" \
+	  || { echo "install check failed: torch/torchvision/timm/smp do not import together"; exit 1; }
+	@touch $@
+
+install: $(VENV)/.installed ## create .venv (if missing) and install the package with its dev extras
+
+run: install ## run the whole pipeline on the built-in benchmark (EXPERIMENT=digits)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/hdrq pipeline experiment=$(EXPERIMENT)
+
+test: install ## fast test suite (skips tests marked slow)
+	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
+
+test-full: install ## every test, slow ones included
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install ## ruff lint
+	$(VENV)/bin/ruff check hdrq_lightning tests bench
+
+clean-runs: ## delete run directories of the built-in experiment
+	rm -rf runs/$(EXPERIMENT)
+
+.PHONY: help install run test test-full lint clean-runs
