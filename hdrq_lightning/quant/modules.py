@@ -1,0 +1,340 @@
+"""Quantized layers, the float-to-quantized module registry and model-level helpers.
+
+``quantize_model`` swaps modules through ``QUANT_MODULE_REGISTRY`` (torchao / Model-Optimizer style).
+Activation quantizers sit on module outputs: after every ReLU (including the block output after
+add + ReLU) and after the Conv/Linear layers named in ``QuantConfig.output_quant_layers``.
+"""
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hdrq_lightning.errors import ConfigError
+from hdrq_lightning.quant.fold import symbolic_graph
+from hdrq_lightning.quant.quantizers import RANGE_SEARCHES, ActivationQuantizer, WeightQuantizer, check_bits
+
+CALIBRATION_SAMPLES = 1 << 20
+
+
+@dataclass
+class QuantConfig:
+    """Numerics of a quantized model (BRECQ / QDrop / HDRQ defaults: W4A4, per-channel asymmetric weights)."""
+
+    w_bits: int = 4
+    a_bits: int = 4
+    w_per_channel: bool = True
+    w_symmetric: bool = False
+    w_learn_scale: bool = False
+    a_symmetric: bool = False
+    first_last_8bit: bool = True
+    output_quant_layers: tuple[str, ...] = ()
+    skip: tuple[str, ...] = ()
+    init_search: str = "mse"
+
+    def __post_init__(self) -> None:
+        check_bits(self.w_bits, "w_bits")
+        check_bits(self.a_bits, "a_bits")
+        if self.init_search not in RANGE_SEARCHES:
+            raise ConfigError(f"init_search={self.init_search!r} is unknown; use one of {RANGE_SEARCHES}.")
+        self.output_quant_layers = tuple(self.output_quant_layers)  # Hydra passes lists
+        self.skip = tuple(self.skip)
+
+
+class QuantConv2d(nn.Module):
+    """Conv2d whose weight passes through ``weight_quantizer`` (and output through ``output_quantizer``)."""
+
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        weight_quantizer: WeightQuantizer,
+        output_quantizer: ActivationQuantizer | None = None,
+    ) -> None:
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ConfigError(f"QuantConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}.")
+        self.in_channels, self.out_channels, self.kernel_size = (
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+        )
+        self.stride, self.padding, self.dilation, self.groups = (
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+        )
+        self.weight = nn.Parameter(conv.weight.detach().clone())
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
+        self.weight_quantizer, self.output_quantizer = weight_quantizer, output_quantizer
+
+    @classmethod
+    def from_float(
+        cls, conv: nn.Conv2d, config: QuantConfig, weight_bits: int, output_bits: int | None = None
+    ) -> "QuantConv2d":
+        """Quantized copy of ``conv`` with its weight range initialised; output quantized iff output_bits."""
+        return cls(
+            conv, _weight_quantizer(conv.weight, config, weight_bits), _output_quantizer(config, output_bits)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight_quantizer(self.weight)
+        out = F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return out if self.output_quantizer is None else self.output_quantizer(out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, groups={self.groups}, bias={self.bias is not None}"
+        )
+
+
+class QuantLinear(nn.Module):
+    """Linear whose weight passes through ``weight_quantizer`` (and output through ``output_quantizer``)."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        weight_quantizer: WeightQuantizer,
+        output_quantizer: ActivationQuantizer | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach().clone())
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+        self.weight_quantizer, self.output_quantizer = weight_quantizer, output_quantizer
+
+    @classmethod
+    def from_float(
+        cls, linear: nn.Linear, config: QuantConfig, weight_bits: int, output_bits: int | None = None
+    ) -> "QuantLinear":
+        """Quantized copy of ``linear`` with its weight range initialised; output quantized iff output_bits."""
+        weight_quantizer = _weight_quantizer(linear.weight, config, weight_bits)
+        return cls(linear, weight_quantizer, _output_quantizer(config, output_bits))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.linear(x, self.weight_quantizer(self.weight), self.bias)
+        return out if self.output_quantizer is None else self.output_quantizer(out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )
+
+
+class QuantReLU(nn.Module):
+    """ReLU followed by an activation quantizer (never in place: QDrop needs the float input)."""
+
+    def __init__(self, output_quantizer: ActivationQuantizer) -> None:
+        super().__init__()
+        self.output_quantizer = output_quantizer
+
+    @classmethod
+    def from_float(
+        cls,
+        relu: nn.ReLU,
+        config: QuantConfig,
+        weight_bits: int,
+        output_bits: int | None = None,
+    ) -> "QuantReLU":
+        """Quantized ReLU; ``output_bits`` defaults to ``config.a_bits`` (a ReLU has no weight)."""
+        return cls(ActivationQuantizer(output_bits or config.a_bits, config.a_symmetric))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.output_quantizer(F.relu(x))
+
+
+def _weight_quantizer(weight: Tensor, config: QuantConfig, bits: int) -> WeightQuantizer:
+    quantizer = WeightQuantizer(bits, config.w_per_channel, config.w_symmetric, 0, config.w_learn_scale)
+    quantizer.init_range(weight, search=config.init_search)
+    return quantizer.to(weight.device)
+
+
+def _output_quantizer(config: QuantConfig, bits: int | None) -> ActivationQuantizer | None:
+    return None if bits is None else ActivationQuantizer(bits, config.a_symmetric)
+
+
+QUANT_MODULE_REGISTRY: dict[type[nn.Module], type[nn.Module]] = {}
+"""Float module type (matched exactly) -> quantized class with
+``from_float(module, config, weight_bits, output_bits) -> nn.Module``."""
+
+_QuantClass = TypeVar("_QuantClass", bound=type)
+
+
+def register_quant_module(float_cls: type[nn.Module]) -> Callable[[_QuantClass], _QuantClass]:
+    """Class decorator registering a quantized class (with ``from_float``) as the swap for ``float_cls``."""
+
+    def register(quant_cls: _QuantClass) -> _QuantClass:
+        if not hasattr(quant_cls, "from_float"):
+            raise TypeError(
+                f"{quant_cls.__name__} needs a from_float(module, config, weight_bits, output_bits)."
+            )
+        QUANT_MODULE_REGISTRY[float_cls] = quant_cls
+        return quant_cls
+
+    return register
+
+
+register_quant_module(nn.Conv2d)(QuantConv2d)
+register_quant_module(nn.Linear)(QuantLinear)
+register_quant_module(nn.ReLU)(QuantReLU)
+
+
+def _execution_order(model: nn.Module) -> list[str]:
+    """Module names in call order from torch.fx (first call), else in registration order."""
+    graph = symbolic_graph(model)
+    if graph is None:
+        return [name for name, _ in model.named_modules()]
+    return list(dict.fromkeys(node.target for node in graph.nodes if node.op == "call_module"))
+
+
+def _check_names(model: nn.Module, names: tuple[str, ...], field: str) -> None:
+    known = dict(model.named_modules())
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ConfigError(
+            f"QuantConfig.{field} names modules {unknown} that the model does not have; "
+            "use names from model.named_modules()."
+        )
+
+
+def _is_skipped(name: str, skip: tuple[str, ...]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in skip)
+
+
+def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Deep copy of ``model`` with every registered module (outside ``config.skip``) swapped for its quantized
+    class. Weight ranges are initialised; activation quantizers wait for ``calibrate_activations``."""
+    _check_names(model, config.skip, "skip")
+    _check_names(model, config.output_quant_layers, "output_quant_layers")
+    quantized = copy.deepcopy(model)
+    targets = {
+        name: module
+        for name, module in quantized.named_modules()
+        if type(module) in QUANT_MODULE_REGISTRY and not _is_skipped(name, config.skip)
+    }
+    order = [name for name in _execution_order(quantized) if name in targets]
+    weighted = [name for name in order if isinstance(getattr(targets[name], "weight", None), Tensor)]
+    producers = {name for name in targets if not isinstance(getattr(targets[name], "weight", None), Tensor)}
+    producers |= set(config.output_quant_layers)
+    eight_bit_weights: set[str] = set()
+    eight_bit_output: str | None = None
+    if config.first_last_8bit and weighted:
+        eight_bit_weights = {weighted[0], weighted[-1]}
+        before_last = order[: order.index(weighted[-1])]
+        eight_bit_output = next((name for name in reversed(before_last) if name in producers), None)
+    for name, module in targets.items():
+        weight_bits = 8 if name in eight_bit_weights else config.w_bits
+        output_bits = (8 if name == eight_bit_output else config.a_bits) if name in producers else None
+        factory = QUANT_MODULE_REGISTRY[type(module)]
+        quantized.set_submodule(name, factory.from_float(module, config, weight_bits, output_bits))
+    norms = [
+        name
+        for name, module in quantized.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+    ]
+    if norms:
+        warnings.warn(
+            f"BatchNorm layers {norms} are still in the model; fold_batch_norm it before quantizing.",
+            stacklevel=2,
+        )
+    return quantized
+
+
+def _named_instances(model: nn.Module, cls: type) -> Iterator[tuple[str, nn.Module]]:
+    return ((name, module) for name, module in model.named_modules() if isinstance(module, cls))
+
+
+def weight_quantizers(model: nn.Module) -> Iterator[tuple[str, WeightQuantizer]]:
+    """(module path, quantizer) of every weight quantizer, e.g. ``("layer1.0.conv1.weight_quantizer", q)``."""
+    return _named_instances(model, WeightQuantizer)
+
+
+def activation_quantizers(model: nn.Module) -> Iterator[tuple[str, ActivationQuantizer]]:
+    """(module path, quantizer) of every activation quantizer, e.g. ``("layer1.0.act1.output_quantizer", q)``."""
+    return _named_instances(model, ActivationQuantizer)
+
+
+def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantConv2d | QuantLinear]]:
+    """(module path, layer) of every quantized Conv2d / Linear."""
+    return _named_instances(model, (QuantConv2d, QuantLinear))
+
+
+def set_quant_mode(model: nn.Module, weight: str | None = None, activation: str | None = None) -> None:
+    """Set the mode of all weight and/or activation quantizers (None leaves that kind unchanged)."""
+    if weight is not None:
+        for _, quantizer in weight_quantizers(model):
+            quantizer.set_mode(weight)
+    if activation is not None:
+        for _, quantizer in activation_quantizers(model):
+            quantizer.set_mode(activation)
+
+
+class _UniformSample:
+    """A uniform random subset (bottom-k of random keys) of everything added, plus the exact min and max."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.values: Tensor | None = None
+        self.keys: Tensor | None = None
+        self.extremes: Tensor | None = None
+
+    def add(self, x: Tensor) -> None:
+        values = x.detach().reshape(-1).float()
+        extremes = torch.stack([values.min(), values.max()])
+        keys = torch.rand(values.numel(), device=values.device)
+        if self.values is not None:
+            values, keys = torch.cat([self.values, values]), torch.cat([self.keys, keys])
+            extremes = torch.stack(
+                [extremes[0].minimum(self.extremes[0]), extremes[1].maximum(self.extremes[1])]
+            )
+        if values.numel() > self.capacity:
+            keys, index = torch.topk(keys, self.capacity, largest=False)
+            values = values[index]
+        self.values, self.keys, self.extremes = values, keys, extremes
+
+    def sample(self) -> Tensor:
+        return torch.cat([self.values, self.extremes])
+
+
+@torch.no_grad()
+def calibrate_activations(
+    model: nn.Module, batches: Iterable[Tensor], search: str = "mse", max_samples: int = CALIBRATION_SAMPLES
+) -> None:
+    """Initialise every activation quantizer of ``model`` (a whole network or one block) from its inputs.
+
+    Runs ``model`` in eval mode with the activation quantizers bypassed while sampling up to ``max_samples``
+    of each quantizer's inputs, then sets each range and mode "nearest". Batches may be (input, target) pairs.
+    """
+    quantizers = dict(activation_quantizers(model))
+    samples = {name: _UniformSample(max_samples) for name in quantizers}
+    training = {module: module.training for module in model.modules()}
+    hooks = []
+    for name, quantizer in quantizers.items():
+        quantizer.set_mode("float")
+        hooks.append(
+            quantizer.register_forward_pre_hook(lambda _, args, name=name: samples[name].add(args[0]))
+        )
+    model.eval()
+    try:
+        for batch in batches:
+            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, was_training in training.items():
+            module.train(was_training)
+    unused = [name for name, sample in samples.items() if sample.values is None]
+    if unused:
+        warnings.warn(
+            f"Activation quantizers {unused} saw no input during calibration and stay in float.", stacklevel=2
+        )
+    for name, quantizer in quantizers.items():
+        if samples[name].values is not None:
+            quantizer.init_range(samples[name].sample(), search=search)
+            quantizer.set_mode("nearest")

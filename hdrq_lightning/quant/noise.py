@@ -1,0 +1,47 @@
+"""Quantization-noise sampling for HDRQ's noise-based Hessian regularisation (paper Sec. 4.1).
+
+Instead of rounding, the noise forward adds ``eps`` to the scaled tensor, with ``eps`` drawn from the
+distribution of the tensor's own rounding residuals ``x - round(x)`` (official code: a 256-bin histogram
+over [-1/2, 1/2]) or from the paper's idealisation U[-1/2, 1/2]. All randomness uses torch's global RNG.
+"""
+
+import torch
+from torch import Tensor
+
+from hdrq_lightning.errors import ConfigError
+
+NOISE_DISTRIBUTIONS: tuple[str, ...] = ("histogram", "uniform")
+
+# Added to every histogram bin so that sampling never sees an all-zero histogram (every element
+# clipped) without a host-side check; negligible next to the count of any occupied bin (>= 1).
+_EMPTY_BIN_WEIGHT = 1e-6
+
+
+@torch.no_grad()
+def rounding_residual_noise(
+    x: Tensor, distribution: str = "histogram", bins: int = 256, mask: Tensor | None = None
+) -> Tensor:
+    """Sample one noise value per element of ``x`` (same shape, detached) in [-1/2, 1/2].
+
+    ``x`` is the tensor already divided by its step (plus zero point). ``"histogram"`` builds a
+    ``bins``-bin histogram over [-1/2, 1/2] of the residuals ``x - round(x)`` of the elements where
+    ``mask`` is true (all elements when ``mask`` is None), samples bins in proportion to their counts
+    and jitters uniformly inside the bin. ``"uniform"`` draws from U[-1/2, 1/2].
+    """
+    if distribution == "uniform":
+        return torch.rand_like(x) - 0.5
+    if distribution != "histogram":
+        raise ConfigError(f"Unknown noise distribution {distribution!r}; use one of {NOISE_DISTRIBUTIONS}.")
+    residuals = (x - torch.round(x)).float()
+    if mask is None:
+        counts = torch.histc(residuals, bins=bins, min=-0.5, max=0.5)
+    else:
+        # histc has no weights: send the masked-out elements outside [-1/2, 1/2], where histc ignores them.
+        counts = torch.histc(
+            torch.where(mask, residuals, torch.full_like(residuals, 2.0)), bins=bins, min=-0.5, max=0.5
+        )
+    bin_index = torch.multinomial(counts + _EMPTY_BIN_WEIGHT, x.numel(), replacement=True)
+    bin_width = 1.0 / bins
+    jitter = torch.rand(x.numel(), device=x.device)
+    noise = -0.5 + (bin_index.to(torch.float32) + jitter) * bin_width
+    return noise.reshape(x.shape).to(x.dtype)

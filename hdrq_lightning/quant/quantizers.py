@@ -1,0 +1,417 @@
+"""Uniform affine weight and activation quantizers (BRECQ / QDrop / HDRQ numerics).
+
+Conventions shared by every mode: ``x = t / scale + zero_point`` is the tensor on the integer grid,
+codes are ``clamp(round(x), qmin, qmax)`` and the dequantized value is ``(code - zero_point) * scale``.
+Modes are plain attributes mirrored in buffers, so they survive ``state_dict`` round trips; tensors whose
+shape is only known after initialisation (per-channel scales, AdaRound ``alpha``) are resized on load.
+"""
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from hdrq_lightning.errors import ConfigError
+from hdrq_lightning.quant.noise import NOISE_DISTRIBUTIONS, rounding_residual_noise
+
+MODES: tuple[str, ...] = ("float", "nearest", "adaround", "noise")
+RANGE_SEARCHES: tuple[str, ...] = ("minmax", "mse")
+MIN_BITS, MAX_BITS = 2, 8
+_MIN_SCALE = 1e-8
+# Elements processed per chunk of candidate ranges in the MSE search (bounds its memory).
+_SEARCH_CHUNK_ELEMENTS = 1 << 24
+
+
+def check_bits(bits: int, what: str = "bits") -> None:
+    """Raise ConfigError unless ``bits`` is an integer in [MIN_BITS, MAX_BITS]."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ConfigError(f"{what}={bits!r} is not supported; use an integer from {MIN_BITS} to {MAX_BITS}.")
+
+
+def integer_range(bits: int, signed: bool) -> tuple[int, int]:
+    """(qmin, qmax) of a ``bits``-bit grid: 0..2^b-1 unsigned, -2^(b-1)..2^(b-1)-1 signed."""
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def rectified_sigmoid(alpha: Tensor) -> Tensor:
+    """AdaRound's soft rounding offset h(alpha) = clamp(sigmoid(alpha) * 1.2 - 0.1, 0, 1)."""
+    return torch.clamp(torch.sigmoid(alpha) * 1.2 - 0.1, 0.0, 1.0)
+
+
+class _RoundStraightThrough(torch.autograd.Function):
+    """round() in the forward, identity in the backward (exact forward value, unlike x + (r - x).detach())."""
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor) -> Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> Tensor:
+        return grad
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity in the forward, gradient multiplied by a constant in the backward (LSQ step scaling)."""
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def fake_quantize_nearest(t: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Round-to-nearest fake quantization with LSQ gradients (straight-through inside the clip range)."""
+    x = torch.clamp(t / scale + zero_point, qmin, qmax)
+    return (_RoundStraightThrough.apply(x) - zero_point) * scale
+
+
+def fake_quantize_noise(
+    t: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, distribution: str
+) -> Tensor:
+    """HDRQ noise quantization: clipped elements pinned to the boundary, the others get detached noise."""
+    x = t / scale + zero_point
+    in_range = (x >= qmin) & (x <= qmax)
+    noise = rounding_residual_noise(x.detach(), distribution, mask=in_range)
+    return (torch.where(in_range, x + noise, torch.clamp(x, qmin, qmax)) - zero_point) * scale
+
+
+def _affine_from_range(
+    low: Tensor, high: Tensor, qmin: int, qmax: int, symmetric: bool
+) -> tuple[Tensor, Tensor]:
+    """Scale and integer zero point covering [low, high] (low <= 0 <= high)."""
+    if symmetric:
+        scale = high / qmax if qmin == 0 else torch.maximum(high / qmax, low / qmin)
+        scale = scale.clamp_min(_MIN_SCALE)
+        return scale, torch.zeros_like(scale)
+    scale = ((high - low) / (qmax - qmin)).clamp_min(_MIN_SCALE)
+    zero_point = torch.clamp(qmin - torch.round(low / scale), qmin, qmax)
+    return scale, zero_point
+
+
+def search_range(
+    rows: Tensor,
+    qmin: int,
+    qmax: int,
+    symmetric: bool,
+    search: str = "mse",
+    norm: float = 2.4,
+    grid: int = 100,
+) -> tuple[Tensor, Tensor]:
+    """Per-row scale and zero point of ``rows`` [C, K], vectorised over rows.
+
+    ``"minmax"`` covers [min, max] (zero included); ``"mse"`` tries the ranges shrunk by the fractions
+    1, 1 - 1/grid, ..., 1/grid and keeps per row the one with the least sum |t - fq(t)|^norm.
+    """
+    if search not in RANGE_SEARCHES:
+        raise ConfigError(f"Unknown range search {search!r}; use one of {RANGE_SEARCHES}.")
+    rows = rows.detach().float()
+    low, high = rows.amin(dim=1).clamp(max=0.0), rows.amax(dim=1).clamp(min=0.0)
+    best_scale, best_zero_point = _affine_from_range(low, high, qmin, qmax, symmetric)
+    if search == "minmax":
+        return best_scale, best_zero_point
+    best_error = torch.full_like(best_scale, math.inf)
+    fractions = 1.0 - torch.arange(grid, device=rows.device, dtype=rows.dtype) / grid
+    chunk = max(1, _SEARCH_CHUNK_ELEMENTS // rows.numel())
+    for start in range(0, grid, chunk):
+        fraction = fractions[start : start + chunk, None]  # [G, 1]
+        scale, zero_point = _affine_from_range(
+            low * fraction, high * fraction, qmin, qmax, symmetric
+        )  # [G, C]
+        codes = torch.clamp(torch.round(rows / scale[..., None] + zero_point[..., None]), qmin, qmax)
+        error = (rows - (codes - zero_point[..., None]) * scale[..., None]).abs().pow(norm).sum(dim=-1)
+        chunk_error, index = error.min(dim=0)  # first minimum: the widest range wins ties
+        better = chunk_error < best_error
+        best_error = torch.where(better, chunk_error, best_error)
+        best_scale = torch.where(better, scale.gather(0, index[None])[0], best_scale)
+        best_zero_point = torch.where(better, zero_point.gather(0, index[None])[0], best_zero_point)
+    return best_scale, best_zero_point
+
+
+class _Quantizer(nn.Module):
+    """Shared state: bit width, mode and noise distribution (mirrored in buffers), initialised flag."""
+
+    allowed_modes: tuple[str, ...] = MODES
+    # Tensors whose shape is set at initialisation; they are re-created with the incoming shape on load.
+    resizable: tuple[str, ...] = ()
+
+    def __init__(self, bits: int, symmetric: bool, mode: str) -> None:
+        super().__init__()
+        check_bits(bits)
+        self.bits, self.symmetric = bits, symmetric
+        self.register_buffer("mode_code", torch.tensor(MODES.index(mode), dtype=torch.int8))
+        self.register_buffer("noise_code", torch.tensor(0, dtype=torch.int8))
+        self.register_buffer("initialized", torch.tensor(False))
+        self._mode, self._noise_distribution, self._initialized = mode, NOISE_DISTRIBUTIONS[0], False
+
+    @property
+    def mode(self) -> str:
+        """ "float" (bypass), "nearest" (round, straight-through), "adaround" (weights only) or "noise"."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        self.set_mode(mode)
+
+    def set_mode(self, mode: str) -> None:
+        """Switch the forward; every mode but "float" needs an initialised range."""
+        if mode not in self.allowed_modes:
+            raise ConfigError(
+                f"Unknown mode {mode!r} for {type(self).__name__}; use one of {self.allowed_modes}."
+            )
+        if mode != "float" and not self._initialized:
+            raise ConfigError(
+                f"{type(self).__name__} has no range yet; call init_range (or calibrate_activations) before "
+                f"setting mode {mode!r}."
+            )
+        self._mode = mode
+        self.mode_code.fill_(MODES.index(mode))
+
+    @property
+    def noise_distribution(self) -> str:
+        """ "histogram" (official code: the tensor's own residuals) or "uniform" (paper: U[-1/2, 1/2])."""
+        return self._noise_distribution
+
+    @noise_distribution.setter
+    def noise_distribution(self, distribution: str) -> None:
+        if distribution not in NOISE_DISTRIBUTIONS:
+            raise ConfigError(
+                f"Unknown noise distribution {distribution!r}; use one of {NOISE_DISTRIBUTIONS}."
+            )
+        self._noise_distribution = distribution
+        self.noise_code.fill_(NOISE_DISTRIBUTIONS.index(distribution))
+
+    def _store(self, name: str, value: Tensor, parameter: bool) -> None:
+        """Write ``value`` into tensor ``name`` in place when shapes agree (keeps optimizer references)."""
+        current = getattr(self, name)
+        if current is not None and current.shape == value.shape:
+            with torch.no_grad():
+                current.copy_(value)
+        elif parameter:
+            setattr(self, name, nn.Parameter(value.detach().clone()))
+        else:
+            setattr(self, name, value.detach().clone())
+
+    def _mark_initialized(self) -> None:
+        self._initialized = True
+        self.initialized.fill_(True)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Tensor],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Resize lazily shaped tensors to the incoming ones, load, then re-read the mirrored attributes."""
+        for name in self.resizable:
+            incoming = state_dict.get(prefix + name)
+            current = getattr(self, name)
+            if incoming is not None and (current is None or current.shape != incoming.shape):
+                empty = torch.empty(incoming.shape, dtype=incoming.dtype, device=self.mode_code.device)
+                if name in self._parameters:
+                    setattr(self, name, nn.Parameter(empty))
+                else:
+                    self.register_buffer(name, empty)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        self._initialized = bool(self.initialized)
+        self._mode = MODES[int(self.mode_code)]
+        self._noise_distribution = NOISE_DISTRIBUTIONS[int(self.noise_code)]
+
+    def effective_scale(self) -> Tensor:
+        """The step the forward uses: the scale kept away from zero."""
+        return self.scale.clamp_min(_MIN_SCALE)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, symmetric={self.symmetric}, qmin={self.qmin}, qmax={self.qmax}, mode={self.mode}"
+
+
+class WeightQuantizer(_Quantizer):
+    """Per-channel or per-tensor weight quantizer with nearest, AdaRound and HDRQ-noise forwards."""
+
+    resizable = ("scale", "zero_point", "alpha", "hard_codes")
+
+    def __init__(
+        self,
+        bits: int,
+        per_channel: bool = True,
+        symmetric: bool = False,
+        channel_axis: int = 0,
+        learn_scale: bool = False,
+    ) -> None:
+        super().__init__(bits, symmetric, mode="nearest")
+        self.per_channel, self.channel_axis, self.learn_scale = per_channel, channel_axis, learn_scale
+        self.qmin, self.qmax = integer_range(bits, signed=symmetric)
+        scale = torch.tensor(1.0)
+        if learn_scale:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", torch.tensor(0.0))
+        self.register_parameter("alpha", None)
+        self.register_buffer("hard_codes", None)
+
+    def _rows(self, w: Tensor) -> Tensor:
+        """``w`` as [channels, elements] (one row per-tensor)."""
+        w = w.detach()
+        return (
+            w.movedim(self.channel_axis, 0).reshape(w.shape[self.channel_axis], -1)
+            if self.per_channel
+            else w.reshape(1, -1)
+        )
+
+    def _range_shape(self, w: Tensor) -> list[int]:
+        if not self.per_channel:
+            return []
+        shape = [1] * w.dim()
+        shape[self.channel_axis] = w.shape[self.channel_axis]
+        return shape
+
+    def set_range(self, scale: Tensor, zero_point: Tensor) -> None:
+        """Install a scale and (integer-valued) zero point of the quantizer's shape; marks it initialised."""
+        self._store("scale", scale.to(torch.float32), parameter=self.learn_scale)
+        self._store("zero_point", zero_point.to(torch.float32), parameter=False)
+        self._mark_initialized()
+
+    def init_range(self, w: Tensor, search: str = "mse", norm: float = 2.4, grid: int = 100) -> None:
+        """Set the range from ``w`` by min-max or by the per-channel L^norm search (see search_range)."""
+        scale, zero_point = search_range(
+            self._rows(w), self.qmin, self.qmax, self.symmetric, search, norm, grid
+        )
+        shape = self._range_shape(w)
+        self.set_range(scale.reshape(shape), zero_point.reshape(shape))
+
+    def set_mode(self, mode: str) -> None:
+        if mode == "adaround" and self.alpha is None:
+            raise ConfigError("AdaRound mode needs rounding variables; call init_adaround(weight) first.")
+        super().set_mode(mode)
+
+    def init_adaround(self, w: Tensor) -> None:
+        """Create ``alpha`` with h(alpha) equal to frac(w / scale), i.e. the soft rounding starts at w."""
+        if not self._initialized:
+            raise ConfigError("Call init_range before init_adaround: AdaRound rounds on an existing grid.")
+        with torch.no_grad():
+            x = w.detach() / self.effective_scale()
+            offset = ((x - torch.floor(x)) + 0.1) / 1.2
+            self.alpha = nn.Parameter(torch.logit(offset))
+        self.hard_codes = None
+
+    def adaround_regularizer(self, beta: float | Tensor) -> Tensor:
+        """AdaRound's rounding regulariser sum(1 - |2h - 1|^beta), pushing h to 0 or 1."""
+        if self.alpha is None:
+            raise ConfigError("The AdaRound regulariser needs rounding variables; call init_adaround first.")
+        return (1 - (2 * rectified_sigmoid(self.alpha) - 1).abs().pow(beta)).sum()
+
+    @torch.no_grad()
+    def harden(self, w: Tensor) -> None:
+        """Fix the rounding of ``w`` to floor + (alpha >= 0); "adaround" mode then uses these codes."""
+        if self.alpha is None:
+            raise ConfigError("Nothing to harden; call init_adaround and train alpha first.")
+        self.hard_codes = self._hard_adaround_codes(w)
+
+    def _hard_adaround_codes(self, w: Tensor) -> Tensor:
+        floor = torch.floor(w.detach() / self.effective_scale())
+        return torch.clamp(floor + (self.alpha >= 0).to(floor.dtype) + self.zero_point, self.qmin, self.qmax)
+
+    def _check_ready(self) -> None:
+        if not self._initialized:
+            raise ConfigError("WeightQuantizer has no range yet; call init_range(weight) before the forward.")
+
+    def forward(self, w: Tensor) -> Tensor:
+        """Fake-quantized (dequantized float) weight of the same shape, per the current mode."""
+        if self._mode == "float":
+            return w
+        self._check_ready()
+        scale = self.effective_scale()
+        if self._mode == "nearest":
+            return fake_quantize_nearest(w, scale, self.zero_point, self.qmin, self.qmax)
+        if self._mode == "noise":
+            return fake_quantize_noise(
+                w, scale, self.zero_point, self.qmin, self.qmax, self._noise_distribution
+            )
+        if self.hard_codes is not None:
+            return (self.hard_codes - self.zero_point) * scale
+        floor = torch.floor(w.detach() / scale)
+        codes = torch.clamp(floor + rectified_sigmoid(self.alpha) + self.zero_point, self.qmin, self.qmax)
+        return (codes - self.zero_point) * scale
+
+    @torch.no_grad()
+    def integer(self, w: Tensor) -> Tensor:
+        """int32 codes of the deterministic forward: hard AdaRound in "adaround" mode, else nearest."""
+        self._check_ready()
+        if self._mode == "adaround":
+            codes = self.hard_codes if self.hard_codes is not None else self._hard_adaround_codes(w)
+        else:
+            codes = torch.clamp(
+                torch.round(w / self.effective_scale() + self.zero_point), self.qmin, self.qmax
+            )
+        return codes.to(torch.int32)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, per_channel={self.per_channel}, learn_scale={self.learn_scale}"
+
+
+class ActivationQuantizer(_Quantizer):
+    """Per-tensor activation quantizer with an LSQ step, QDrop element dropping and HDRQ noise.
+
+    The grid is unsigned when the calibration data is non-negative (after ReLU), signed otherwise.
+    """
+
+    allowed_modes = ("float", "nearest", "noise")
+
+    def __init__(self, bits: int, symmetric: bool = False, learn_scale: bool = True) -> None:
+        super().__init__(bits, symmetric, mode="float")
+        self.learn_scale = learn_scale
+        self.drop_prob: float = 0.0
+        self.register_buffer("signed", torch.tensor(False))
+        self.qmin, self.qmax = integer_range(bits, signed=False)
+        scale = torch.tensor(1.0)
+        if learn_scale:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", torch.tensor(0.0))
+
+    def set_range(self, scale: Tensor, zero_point: Tensor, signed: bool) -> None:
+        """Install a scalar step, integer-valued zero point and grid signedness; marks it initialised."""
+        self.qmin, self.qmax = integer_range(self.bits, signed)
+        self.signed.fill_(signed)
+        self._store("scale", scale.reshape(()).to(torch.float32), parameter=self.learn_scale)
+        self._store("zero_point", zero_point.reshape(()).to(torch.float32), parameter=False)
+        self._mark_initialized()
+
+    def init_range(self, x: Tensor, search: str = "mse", norm: float = 2.4, grid: int = 100) -> None:
+        """Choose the grid signedness from min(x) and the step by min-max or the L^norm search."""
+        signed = bool(x.min() < 0)
+        qmin, qmax = integer_range(self.bits, signed)
+        scale, zero_point = search_range(x.reshape(1, -1), qmin, qmax, self.symmetric, search, norm, grid)
+        self.set_range(scale, zero_point, signed)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: object) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self.qmin, self.qmax = integer_range(self.bits, bool(self.signed))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Fake-quantized activation; in training mode each element stays float with prob ``drop_prob``."""
+        if self._mode == "float":
+            return x
+        if not self._initialized:
+            raise ConfigError("ActivationQuantizer is not calibrated; run calibrate_activations first.")
+        scale = _ScaleGradient.apply(self.effective_scale(), 1.0 / math.sqrt(x.numel() * self.qmax))
+        if self._mode == "nearest":
+            quantized = fake_quantize_nearest(x, scale, self.zero_point, self.qmin, self.qmax)
+        else:
+            quantized = fake_quantize_noise(
+                x, scale, self.zero_point, self.qmin, self.qmax, self._noise_distribution
+            )
+        if self.training and self.drop_prob > 0:
+            return torch.where(torch.rand_like(x) < self.drop_prob, x, quantized)
+        return quantized

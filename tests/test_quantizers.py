@@ -1,0 +1,275 @@
+"""Weight / activation quantizers and HDRQ noise, each checked against an independent computation."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from hdrq_lightning.errors import ConfigError
+from hdrq_lightning.quant.noise import rounding_residual_noise
+from hdrq_lightning.quant.quantizers import ActivationQuantizer, WeightQuantizer
+
+torch.set_num_threads(1)
+
+
+def _grid(bits: int, signed: bool) -> tuple[int, int]:
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+
+def _assert_on_grid(
+    values: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> None:
+    codes = values / scale + zero_point
+    torch.testing.assert_close(codes, codes.round(), atol=1e-3, rtol=0)
+    assert codes.round().min() >= qmin and codes.round().max() <= qmax
+
+
+def _lp_error(w: torch.Tensor, fake: torch.Tensor, norm: float = 2.4) -> torch.Tensor:
+    return (w - fake).abs().pow(norm).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("bits", [1, 9, 0])
+def test_bits_outside_2_to_8_raise(bits: int) -> None:
+    with pytest.raises(ConfigError):
+        WeightQuantizer(bits)
+    with pytest.raises(ConfigError):
+        ActivationQuantizer(bits)
+
+
+@pytest.mark.parametrize(
+    ("bits", "per_channel", "symmetric"), itertools.product(range(2, 9), [True, False], [True, False])
+)
+def test_weight_fake_quant_is_on_grid(bits: int, per_channel: bool, symmetric: bool) -> None:
+    torch.manual_seed(bits)
+    w = torch.randn(6, 3, 3, 3) * torch.rand(6, 1, 1, 1) + 0.1
+    quantizer = WeightQuantizer(bits, per_channel=per_channel, symmetric=symmetric)
+    quantizer.init_range(w)
+    assert (quantizer.qmin, quantizer.qmax) == _grid(bits, signed=symmetric)
+    assert quantizer.scale.shape == ((6, 1, 1, 1) if per_channel else ())
+    if symmetric:
+        assert torch.all(quantizer.zero_point == 0)
+    _assert_on_grid(quantizer(w), quantizer.scale, quantizer.zero_point, quantizer.qmin, quantizer.qmax)
+
+
+@pytest.mark.parametrize(
+    ("bits", "symmetric", "nonnegative"), itertools.product(range(2, 9), [True, False], [True, False])
+)
+def test_activation_fake_quant_is_on_grid(bits: int, symmetric: bool, nonnegative: bool) -> None:
+    torch.manual_seed(bits)
+    x = torch.randn(4, 5, 6)
+    x = x.relu() if nonnegative else x
+    quantizer = ActivationQuantizer(bits, symmetric=symmetric)
+    quantizer.init_range(x)
+    quantizer.set_mode("nearest")
+    assert (quantizer.qmin, quantizer.qmax) == _grid(bits, signed=not nonnegative)
+    _assert_on_grid(quantizer(x), quantizer.scale, quantizer.zero_point, quantizer.qmin, quantizer.qmax)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_init_is_no_worse_than_minmax(symmetric: bool) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(8, 40) * torch.rand(8, 1) + torch.randn(8, 1) * 0.1
+    w[0, 0] = 6.0  # an outlier that min-max pays for
+    errors = {}
+    for search in ("minmax", "mse"):
+        quantizer = WeightQuantizer(3, symmetric=symmetric)
+        quantizer.init_range(w, search=search)
+        errors[search] = _lp_error(w, quantizer(w))
+    assert torch.all(errors["mse"] <= errors["minmax"] * (1 + 1e-6))
+    assert errors["mse"].sum() < errors["minmax"].sum()
+
+
+def _brute_force_range(
+    row: torch.Tensor, qmin: int, qmax: int, grid: int, norm: float
+) -> tuple[float, float]:
+    """Scale and zero point of one asymmetric channel by looping over the candidate fractions."""
+    low, high = min(row.min().item(), 0.0), max(row.max().item(), 0.0)
+    best = (math.inf, 0.0, 0.0)
+    for step in range(grid):
+        fraction = 1.0 - step / grid
+        scale = torch.tensor((high - low) * fraction / (qmax - qmin)).clamp_min(1e-8)
+        zero_point = torch.clamp(qmin - torch.round(low * fraction / scale), qmin, qmax)
+        fake = (torch.clamp(torch.round(row / scale + zero_point), qmin, qmax) - zero_point) * scale
+        error = (row - fake).abs().pow(norm).sum().item()
+        if error < best[0]:
+            best = (error, scale.item(), zero_point.item())
+    return best[1], best[2]
+
+
+def test_vectorised_mse_search_equals_per_channel_loop() -> None:
+    torch.manual_seed(1)
+    w = torch.randn(5, 2, 3, 3) * torch.rand(5, 1, 1, 1) + torch.randn(5, 1, 1, 1) * 0.3
+    quantizer = WeightQuantizer(4, per_channel=True)
+    quantizer.init_range(w, search="mse", grid=50)
+    for channel in range(5):
+        scale, zero_point = _brute_force_range(w[channel].flatten(), 0, 15, grid=50, norm=2.4)
+        assert quantizer.scale[channel].item() == pytest.approx(scale, rel=1e-6)
+        assert quantizer.zero_point[channel].item() == zero_point
+
+
+def test_lsq_weight_scale_gradient_matches_formula() -> None:
+    scale, zero_point, qmin, qmax = 0.5, 2.0, 0, 7  # 3-bit asymmetric
+    w = torch.tensor([-2.0, -0.26, 0.1, 0.74, 1.6, 4.0], requires_grad=True)
+    quantizer = WeightQuantizer(3, per_channel=False, learn_scale=True)
+    quantizer.set_range(torch.tensor(scale), torch.tensor(zero_point))
+    quantizer(w).sum().backward()
+    expected_scale_grad, expected_w_grad = 0.0, []
+    for value in w.tolist():
+        x = value / scale + zero_point
+        if x < qmin:
+            expected_scale_grad += qmin - zero_point
+            expected_w_grad.append(0.0)
+        elif x > qmax:
+            expected_scale_grad += qmax - zero_point
+            expected_w_grad.append(0.0)
+        else:
+            expected_scale_grad += round(x) - x
+            expected_w_grad.append(1.0)
+    assert quantizer.scale.grad.item() == pytest.approx(expected_scale_grad, abs=1e-5)
+    torch.testing.assert_close(w.grad, torch.tensor(expected_w_grad))
+
+
+def test_lsq_activation_step_gradient_is_scaled() -> None:
+    quantizer = ActivationQuantizer(4)
+    quantizer.set_range(torch.tensor(0.25), torch.tensor(0.0), signed=False)
+    quantizer.set_mode("nearest")
+    x = torch.tensor([[0.0, 0.3, 0.61], [1.9, 3.5, 5.0]])
+    quantizer(x).sum().backward()
+    raw = sum((15.0 if v / 0.25 > 15 else round(v / 0.25) - v / 0.25) for v in x.flatten().tolist())
+    assert quantizer.scale.grad.item() == pytest.approx(raw / math.sqrt(x.numel() * 15), abs=1e-6)
+
+
+def test_adaround_init_harden_and_regularizer() -> None:
+    torch.manual_seed(2)
+    w = torch.randn(4, 3, 2, 2)
+    quantizer = WeightQuantizer(4)
+    quantizer.init_range(w)
+    quantizer.init_adaround(w)
+    x = w / quantizer.scale
+    h = torch.clamp(torch.sigmoid(quantizer.alpha) * 1.2 - 0.1, 0, 1)
+    torch.testing.assert_close(h, x - torch.floor(x), atol=1e-5, rtol=0)
+
+    with torch.no_grad():
+        quantizer.alpha.copy_(torch.randn_like(w) * 3)
+    quantizer.set_mode("adaround")
+    hard = torch.clamp(torch.floor(x) + (quantizer.alpha >= 0).float() + quantizer.zero_point, 0, 15)
+    quantizer.harden(w)
+    assert torch.equal(quantizer.integer(w), hard.int())
+    torch.testing.assert_close(quantizer(w), (hard - quantizer.zero_point) * quantizer.scale)
+
+    with torch.no_grad():
+        quantizer.alpha.copy_(torch.tensor([10.0, -10.0, 0.0]).repeat(16)[: w.numel()].view_as(w))
+    middle = (quantizer.alpha == 0).sum().item()  # h(0) = 0.5 costs 1 each; h in {0, 1} costs 0
+    assert quantizer.adaround_regularizer(20.0).item() == pytest.approx(middle)
+
+
+def _noise_setup(
+    distribution: str, residuals: torch.Tensor
+) -> tuple[WeightQuantizer, torch.Tensor, torch.Tensor]:
+    """A per-tensor 4-bit quantizer (step 0.1, zero point 3) and weights with the given residuals + clipped ones."""
+    quantizer = WeightQuantizer(4, per_channel=False)
+    quantizer.set_range(torch.tensor(0.1), torch.tensor(3.0))
+    quantizer.noise_distribution = distribution
+    levels = torch.randint(1, 15, residuals.shape).float()
+    w = (
+        (torch.cat([levels + residuals, torch.tensor([-4.0, -1.0, 17.0, 30.0])]) - 3.0) * 0.1
+    ).requires_grad_()
+    return quantizer, w, w.detach() / 0.1 + 3.0
+
+
+@pytest.mark.parametrize("distribution", ["histogram", "uniform"])
+def test_noise_matches_residual_distribution_and_pins_clipped(distribution: str) -> None:
+    torch.manual_seed(3)
+    n = 20000
+    skewed = 0.5 * (torch.rand(n) ** 2) * torch.where(torch.rand(n) < 0.8, 1.0, -1.0)  # non-uniform residuals
+    quantizer, w, x = _noise_setup(distribution, skewed)
+    quantizer.set_mode("noise")
+    out = quantizer(w)
+    in_range = (x >= 0) & (x <= 15)
+    noise = (out.detach() / 0.1 + 3.0 - x)[in_range]
+    residuals = (x - torch.round(x))[in_range]
+    if distribution == "histogram":
+        assert stats.ks_2samp(noise.numpy(), residuals.numpy()).pvalue > 1e-3
+        assert noise.mean().item() == pytest.approx(residuals.mean().item(), abs=0.01)
+    else:
+        assert stats.kstest(noise.numpy(), stats.uniform(loc=-0.5, scale=1).cdf).pvalue > 1e-3
+        assert abs(noise.mean().item()) < 0.01
+    low, high = (torch.tensor(0.0) - 3.0) * 0.1, (torch.tensor(15.0) - 3.0) * 0.1
+    assert torch.equal(out[~in_range], torch.stack([low, low, high, high]))
+    out.sum().backward()
+    assert torch.equal(w.grad, in_range.float())
+
+    quantizer.set_mode("nearest")
+    direct = (torch.clamp(torch.round(w / 0.1 + 3.0), 0, 15) - 3.0) * 0.1
+    torch.testing.assert_close(quantizer(w), direct, atol=0, rtol=0)
+
+
+def test_histogram_noise_of_gaussian_weights_has_zero_mean() -> None:
+    torch.manual_seed(4)
+    x = torch.randn(50000) * 3
+    noise = rounding_residual_noise(x, "histogram")
+    assert abs(noise.mean().item()) < 0.01
+    assert noise.abs().max().item() <= 0.5
+
+
+def test_noise_histogram_uses_only_masked_elements() -> None:
+    torch.manual_seed(5)
+    inside = torch.arange(100).float() + 0.2 + 0.1 * torch.rand(100)  # residuals in [0.2, 0.3]
+    outside = torch.arange(100).float() - 0.45  # residuals -0.45 (or +0.45 after ties), masked out
+    x = torch.cat([inside, outside])
+    mask = torch.cat([torch.ones(100, dtype=torch.bool), torch.zeros(100, dtype=torch.bool)])
+    noise = rounding_residual_noise(x, "histogram", mask=mask)
+    assert noise.shape == x.shape
+    assert noise.min().item() >= 0.2 - 1 / 256 and noise.max().item() <= 0.3 + 1 / 256
+
+
+def test_activation_noise_pins_clipped_and_drop_keeps_float() -> None:
+    torch.manual_seed(6)
+    quantizer = ActivationQuantizer(4)
+    quantizer.set_range(torch.tensor(0.2), torch.tensor(0.0), signed=False)
+    x = torch.rand(4000) * 2.9 + 0.05  # on [0.05, 2.95]: inside the grid [0, 3]
+    x[:10] = 10.0
+    quantizer.set_mode("noise")
+    assert torch.all(quantizer(x)[:10] == 3.0)
+
+    quantizer.set_mode("nearest")
+    quantized = quantizer(x)
+    quantizer.drop_prob = 0.5
+    quantizer.train()
+    kept_float = (quantizer(x) == x) & (quantized != x)
+    assert kept_float.float().sum().item() / (quantized != x).sum().item() == pytest.approx(0.5, abs=0.05)
+    quantizer.eval()
+    assert torch.equal(quantizer(x), quantized)
+
+
+def test_state_dict_round_trip_restores_modes_and_shapes() -> None:
+    torch.manual_seed(7)
+    w = torch.randn(3, 2, 2, 2)
+    source = WeightQuantizer(3, learn_scale=True)
+    source.init_range(w)
+    source.init_adaround(w)
+    source.harden(w)
+    source.set_mode("adaround")
+    source.noise_distribution = "uniform"
+    target = WeightQuantizer(3, learn_scale=True)
+    target.load_state_dict(source.state_dict())
+    assert (target.mode, target.noise_distribution) == ("adaround", "uniform")
+    assert isinstance(target.scale, torch.nn.Parameter) and isinstance(target.alpha, torch.nn.Parameter)
+    torch.testing.assert_close(target(w), source(w), atol=0, rtol=0)
+
+    activation = ActivationQuantizer(5)
+    activation.init_range(torch.randn(100))
+    activation.set_mode("noise")
+    restored = ActivationQuantizer(5)
+    restored.load_state_dict(activation.state_dict())
+    assert (restored.mode, restored.qmin, restored.qmax) == ("noise", -16, 15)
+    assert restored.scale.item() == activation.scale.item()
+
+
+def test_uncalibrated_activation_refuses_quantized_mode() -> None:
+    with pytest.raises(ConfigError):
+        ActivationQuantizer(4).set_mode("nearest")
+    with pytest.raises(ConfigError):
+        WeightQuantizer(4).set_mode("adaround")
