@@ -1,0 +1,78 @@
+"""`hdrq <stage> [hydra overrides]`: the single entry point of every stage."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from hdrq_lightning.errors import HdrqError
+
+# stage -> (module, function, one-line description)
+STAGES: dict[str, tuple[str, str, str]] = {
+    "source": ("hdrq_lightning.stages.source", "run_source", "train the source model on the source domain"),
+    "adapt": ("hdrq_lightning.stages.adapt", "run_adapt", "SHOT-adapt the source model to every target domain"),
+    "quantize": ("hdrq_lightning.stages.quantize", "run_quantize",
+                 "fold BN and quantize every expert by block reconstruction (quant=brecq|qdrop|hdrq)"),
+}
+
+USAGE = """usage: hdrq <stage> [key=value ...] [hydra flags]
+
+Stages:
+{stages}
+
+Overrides are Hydra's (e.g. experiment=digits quant=hdrq quant.w_bits=4); Hydra's own flags work too:
+  hdrq <stage> --cfg job      print the composed config and exit
+  hdrq <stage> --help         Hydra's help for the config groups
+  hdrq <stage> -m ...         multirun (sweeps)
+Runs land in runs/<experiment>/<stage>/...; a finished stage is skipped unless force=true.
+"""
+
+
+def config_dir() -> Path:
+    """conf/ of the checkout this package runs from (or $HDRQ_CONFIG_DIR)."""
+    path = Path(os.environ.get("HDRQ_CONFIG_DIR", Path(__file__).resolve().parent.parent / "conf"))
+    if not (path / "config.yaml").is_file():
+        raise SystemExit(f"hdrq: no config.yaml in {path}; install the package editable from its checkout "
+                         "(pip install -e .) or set HDRQ_CONFIG_DIR to the repository's conf/ folder.")
+    return path
+
+
+def run_stage(cfg: DictConfig):
+    module, function, _ = STAGES[cfg.stage]
+    return getattr(importlib.import_module(module), function)(cfg)
+
+
+def _task(cfg: DictConfig) -> None:
+    try:
+        run_stage(cfg)
+    except HdrqError as err:
+        message = textwrap.fill(f"hdrq {cfg.stage}: {err}", width=100)
+        print(f"\nerror: {message}\n", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stages = "\n".join(f"  {name:<10} {desc}" for name, (_, _, desc) in STAGES.items())
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE.format(stages=stages))
+        return
+    stage, overrides = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"hdrq: unknown stage '{stage}'.\n\n" + USAGE.format(stages=stages), file=sys.stderr)
+        sys.exit(2)
+    import hydra
+
+    logging.getLogger("hdrq").setLevel(logging.INFO)
+    sys.argv = [f"hdrq {stage}", f"stage={stage}", *overrides]
+    hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(_task)()
+
+
+if __name__ == "__main__":
+    main()

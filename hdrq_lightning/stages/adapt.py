@@ -1,0 +1,47 @@
+"""Stage `adapt`: SHOT adaptation of the source model to every target domain (one expert per target)."""
+
+from __future__ import annotations
+
+import lightning as L
+from omegaconf import DictConfig
+
+from hdrq_lightning.adapt.shot_module import ShotModule
+from hdrq_lightning.artifacts import require_compatible, save_weights
+from hdrq_lightning.evaluation import accuracy
+from hdrq_lightning.stages.common import (build_datamodule, build_trainer, fingerprints, load_model, log,
+                                          resume_path, stage_run, start_fresh_if_forced)
+
+
+def run_adapt(cfg: DictConfig) -> dict:
+    dm = build_datamodule(cfg)
+    source_run = stage_run(cfg, "source", dm.source)
+    require_compatible(source_run, fingerprints(cfg), "adapt")
+    results = {}
+    for target in dm.targets:
+        results[target] = adapt_one(cfg, dm, source_run.weights_path, target)
+    return results
+
+
+def adapt_one(cfg: DictConfig, dm, source_weights, target: str) -> dict:
+    run = stage_run(cfg, "adapt", target)
+    if not start_fresh_if_forced(cfg, run):
+        return run.metrics()
+    run.prepare(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = load_model(cfg, dm.num_classes, source_weights)
+    test_loader = dm.loader(target, "test")
+    source_only = accuracy(model, test_loader, dm.num_classes)
+    hp = cfg.adapt
+    module = ShotModule(model, dm.num_classes, pseudo_label_loader=dm.loader(target, "train"), lr=hp.lr,
+                        backbone_lr_mult=hp.backbone_lr_mult, momentum=hp.momentum, weight_decay=hp.weight_decay,
+                        nesterov=hp.nesterov, cls_weight=hp.cls_weight, im_weight=hp.im_weight,
+                        diversity=hp.diversity, epsilon=hp.epsilon, pseudo_label_rounds=hp.pseudo_label_rounds,
+                        lr_gamma=hp.lr_gamma, lr_power=hp.lr_power)
+    dm.configure(fit=(target, "train"), evaluate=[(target, "test")])
+    trainer = build_trainer(cfg, run, "adapt", tags=["adapt", hp.method, target], max_epochs=hp.epochs)
+    trainer.fit(module, datamodule=dm, ckpt_path=resume_path(run, f"adapt/{target}"))
+    adapted = accuracy(model, test_loader, dm.num_classes)
+    save_weights(model.state_dict(), run.weights_path, {"stage": "adapt", "domain": target})
+    log.info("adapt %s -> %s: source-only %.2f%%, adapted %.2f%%", dm.source, target, source_only, adapted)
+    return run.finish({"stage": "adapt", "method": hp.method, "source": dm.source, "target": target,
+                       "fingerprints": fingerprints(cfg), "source_only_acc": source_only, "adapted_acc": adapted})

@@ -1,0 +1,85 @@
+"""Stage `quantize`: BN folding + block reconstruction of every adapted expert (one per target domain)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from hdrq_lightning.artifacts import require_compatible
+from hdrq_lightning.callbacks import CosineWarmup, DistanceRegularizer, NoiseToFakeQuantSwitch
+from hdrq_lightning.evaluation import accuracy
+from hdrq_lightning.quant.export import export_integer_state, save_integer_state
+from hdrq_lightning.quant.fold import fold_batch_norm
+from hdrq_lightning.quant.modules import QuantConfig, quantize_model
+from hdrq_lightning.quant.reconstruction import ReconstructionModule
+from hdrq_lightning.quant.recipe import Recipe
+from hdrq_lightning.stages.common import (build_datamodule, build_trainer, fingerprints, load_model, log,
+                                          resume_path, stage_run, start_fresh_if_forced)
+
+QUANTIZED_FILE = "quantized.safetensors"
+# Layers of the SHOT head whose output feeds another quantized layer without a ReLU in between.
+OUTPUT_QUANTIZED_LAYERS = ("bottleneck",)
+
+
+def quant_config(recipe: Recipe) -> QuantConfig:
+    return QuantConfig(w_bits=recipe.w_bits, a_bits=recipe.a_bits, w_per_channel=recipe.weight.per_channel,
+                       w_symmetric=recipe.weight.symmetric, w_learn_scale=recipe.weight.learn_scale,
+                       first_last_8bit=recipe.first_last_8bit, output_quant_layers=OUTPUT_QUANTIZED_LAYERS,
+                       init_search=recipe.init_search)
+
+
+def run_quantize(cfg: DictConfig) -> dict:
+    dm = build_datamodule(cfg)
+    recipe = Recipe.from_config(cfg.quant)
+    expected = fingerprints(cfg)
+    source_run = stage_run(cfg, "source", dm.source)
+    require_compatible(source_run, expected, "quantize")
+    source_folded = fold_batch_norm(load_model(cfg, dm.num_classes, source_run.weights_path))
+    results = {}
+    for target in dm.targets:
+        adapt_run = stage_run(cfg, "adapt", target)
+        require_compatible(adapt_run, expected, "quantize")
+        results[target] = quantize_one(cfg, dm, recipe, source_folded, adapt_run.weights_path, target)
+    return results
+
+
+def quantize_one(cfg: DictConfig, dm, recipe: Recipe, source_folded: torch.nn.Module, expert_weights,
+                 target: str) -> dict:
+    run = stage_run(cfg, "quantize", recipe.tag, target)
+    if not start_fresh_if_forced(cfg, run):
+        return run.metrics()
+    run.prepare(cfg)
+    started = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    fp_model = fold_batch_norm(load_model(cfg, dm.num_classes, expert_weights))
+    quant_model = quantize_model(fp_model, quant_config(recipe))
+    calibration = torch.cat([images for images, _, _ in dm.calibration_loader(
+        target, size=cfg.quant.calibration_size, batch_size=recipe.batch_size)])
+    module = ReconstructionModule(fp_model, quant_model, calibration, recipe, seed=cfg.seed)
+    callbacks = [CosineWarmup(recipe.warmup_fraction)]
+    if recipe.noise.enabled:
+        callbacks.append(NoiseToFakeQuantSwitch(recipe.noise))
+    if recipe.distance_weight > 0:
+        source_weights = {k: v for k, v in source_folded.state_dict().items() if k.endswith("weight")}
+        callbacks.append(DistanceRegularizer(source_weights, recipe.distance_weight))
+    trainer = build_trainer(cfg, run, "quantize", tags=[recipe.method, f"w{recipe.w_bits}a{recipe.a_bits}", target],
+                            callbacks=callbacks, max_epochs=math.ceil(module.total_iters / recipe.checkpoint_every),
+                            num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, ckpt_path=resume_path(run, f"quantize/{recipe.tag}/{target}"))
+    module.finalize()
+    test_loader = dm.loader(target, "test")
+    fp_acc = accuracy(fp_model, test_loader, dm.num_classes)
+    quant_acc = accuracy(quant_model, test_loader, dm.num_classes)
+    save_integer_state(export_integer_state(quant_model.cpu()), run.dir / QUANTIZED_FILE,
+                       metadata={"method": recipe.method, "w_bits": str(recipe.w_bits),
+                                 "a_bits": str(recipe.a_bits), "target": target})
+    seconds = round(time.perf_counter() - started, 2)
+    log.info("quantize %s %s: FP %.2f%%, quantized %.2f%% (%.1fs)", recipe.tag, target, fp_acc, quant_acc, seconds)
+    return run.finish({"stage": "quantize", "method": recipe.method, "w_bits": recipe.w_bits,
+                       "a_bits": recipe.a_bits, "target": target, "fingerprints": fingerprints(cfg),
+                       "fp_acc": fp_acc, "quant_acc": quant_acc, "seconds": seconds,
+                       "iterations": module.total_iters, "recipe": recipe.to_dict()})

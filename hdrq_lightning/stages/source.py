@@ -1,0 +1,44 @@
+"""Stage `source`: train the SHOT network on the labelled source domain."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
+
+from hdrq_lightning.adapt.source_module import SourceModule
+from hdrq_lightning.artifacts import save_weights
+from hdrq_lightning.evaluation import accuracy
+from hdrq_lightning.stages.common import (build_datamodule, build_model, build_trainer, fingerprints, log,
+                                          resume_path, stage_run, start_fresh_if_forced)
+
+
+def run_source(cfg: DictConfig) -> dict:
+    dm = build_datamodule(cfg)
+    run = stage_run(cfg, "source", dm.source)
+    if not start_fresh_if_forced(cfg, run):
+        return run.metrics()
+    run.prepare(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = build_model(cfg, dm.num_classes)
+    hp = cfg.source
+    module = SourceModule(model, dm.num_classes, lr=hp.lr, backbone_lr_mult=hp.backbone_lr_mult,
+                          momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov,
+                          label_smoothing=hp.label_smoothing, lr_gamma=hp.lr_gamma, lr_power=hp.lr_power)
+    dm.configure(fit=(dm.source, "train"), evaluate=[(dm.source, "val")])
+    best = ModelCheckpoint(dirpath=run.checkpoint_dir, filename="best", monitor="source/val/acc", mode="max",
+                           save_top_k=1, save_last=True, save_on_train_epoch_end=False)
+    trainer = build_trainer(cfg, run, "source", tags=["source"], checkpoint=best, max_epochs=hp.epochs)
+    trainer.fit(module, datamodule=dm, ckpt_path=resume_path(run, f"source/{dm.source}"))
+    # SHOT keeps the best epoch on the held-out 10% of the source domain.
+    state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    save_weights(model.state_dict(), run.weights_path, {"stage": "source", "domain": dm.source})
+    metrics = {
+        "stage": "source", "domain": dm.source, "fingerprints": fingerprints(cfg),
+        "best_val_acc": round(100.0 * float(best.best_model_score), 4),
+        "test_acc": {d: accuracy(model, dm.loader(d, "test"), dm.num_classes) for d in (dm.source, *dm.targets)},
+    }
+    log.info("source %s: test accuracy %s", dm.source, metrics["test_acc"])
+    return run.finish(metrics)
