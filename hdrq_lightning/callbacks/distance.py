@@ -1,0 +1,44 @@
+"""HDRQ's weight-distance regulariser: lambda * sum over layers of ||W - W_source||_F (not squared).
+
+Keeping every expert near the BN-folded source weights bounds the distance between experts (triangle
+inequality, paper Eq. 10), which keeps their merge on a flat path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class DistanceRegularizer(Callback):
+    """Adds ``weight * sum ||W - W_source||`` over the trained layers of the current block to the engine's loss."""
+
+    def __init__(self, source_weights: Mapping[str, torch.Tensor], weight: float = 5e-2) -> None:
+        self.source_weights = dict(source_weights)
+        self.weight = weight
+
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        pl_module.loss_terms["distance"] = self.penalty
+
+    def penalty(self, layers: list[tuple[str, torch.nn.Module]]) -> torch.Tensor | None:
+        terms = []
+        for name, layer in layers:
+            source = self.source_weights.get(f"{name}.weight")
+            if source is None:
+                continue
+            if source.device != layer.weight.device:
+                source = self.source_weights[f"{name}.weight"] = source.to(layer.weight.device)
+            terms.append(torch.linalg.vector_norm(layer.weight - source))
+        if not terms or self.weight == 0:
+            return None
+        return self.weight * torch.stack(terms).sum()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weight": self.weight}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.weight = state_dict["weight"]

@@ -1,0 +1,37 @@
+"""HDRQ's switch from noise-based quantization to real fake-quantization near the end of every block."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from hdrq_lightning.quant.recipe import NoiseRecipe
+
+
+class NoiseToFakeQuantSwitch(Callback):
+    """Noise for iterations < switch, round-to-nearest fake-quant (straight-through) from the switch on.
+
+    With the paper's 20k iterations the switch is at 20000 - 3500; shorter runs keep the same proportion.
+    """
+
+    def __init__(self, noise: NoiseRecipe) -> None:
+        self.noise = noise
+
+    def phase_mode(self, iteration: int, iters: int) -> str:
+        return "noise" if iteration < self.noise.switch_iteration(iters) else "nearest"
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if not self.noise.enabled or pl_module.finished:
+            return
+        mode = self.phase_mode(pl_module.phase_iteration, pl_module.phase.iters)
+        pl_module.set_block_modes(weight=mode if self.noise.weights else None,
+                                  activation=mode if self.noise.activations else None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fakequant_iters": self.noise.fakequant_iters, "reference_iters": self.noise.reference_iters}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.noise.fakequant_iters = state_dict["fakequant_iters"]
+        self.noise.reference_iters = state_dict["reference_iters"]

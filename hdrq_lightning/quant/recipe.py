@@ -1,0 +1,129 @@
+"""The numbers that make BRECQ, QDrop and HDRQ presets of one reconstruction engine.
+
+MQBench's observation: input_quant_prob = 1.0 is BRECQ's input, 0.5 is QDrop's mixing. HDRQ = QDrop's mixing and
+in-block drop + latent float weights with a learnable step + noise-based quantization + distance regulariser.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from hdrq_lightning.errors import ConfigError
+
+PASSES = ("joint", "weights", "activations")
+ROUNDINGS = ("adaround", "latent", "nearest")
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
+
+
+@dataclass
+class WeightRecipe:
+    rounding: str = "adaround"        # adaround (BRECQ/QDrop) | latent (HDRQ: train float weights) | nearest
+    per_channel: bool = True
+    symmetric: bool = False
+    learn_scale: bool = False         # HDRQ learns the weight step
+    lr: float = 1e-3                  # AdaRound alpha / latent weights
+    scale_lr: float = 1e-4
+    schedule: str = "constant"
+
+
+@dataclass
+class ActivationRecipe:
+    learn_scale: bool = True          # LSQ step
+    lr: float = 4e-5
+    schedule: str = "cosine"
+
+
+@dataclass
+class NoiseRecipe:
+    enabled: bool = False
+    distribution: str = "histogram"   # histogram (official code) | uniform (paper's U[-1/2, 1/2])
+    fakequant_iters: int = 3500       # final iterations with real fake-quant, at reference_iters iterations;
+    reference_iters: int = 20000      # scaled proportionally for other iteration counts
+    weights: bool = True
+    activations: bool = True
+
+    def switch_iteration(self, iters: int) -> int:
+        """Iteration (0-based, within a block) from which fake-quant replaces noise."""
+        fakequant = self.fakequant_iters if iters == self.reference_iters else \
+            round(self.fakequant_iters * iters / self.reference_iters)
+        return max(0, iters - fakequant)
+
+
+@dataclass
+class Recipe:
+    method: str = "hdrq"
+    w_bits: int = 4
+    a_bits: int = 4
+    iters: int = 20000                # per block (per pass for BRECQ's weight pass)
+    act_iters: int = 5000             # BRECQ's activation pass
+    batch_size: int = 32
+    passes: list[str] = field(default_factory=lambda: ["joint"])
+    input_quant_prob: float = 0.5     # P(block input element comes from the quantized prefix): 1 BRECQ, 0.5 QDrop
+    drop_prob: float = 0.5            # P(in-block activation element stays FP) during reconstruction
+    adaround_reg_weight: float = 0.01
+    adaround_beta: tuple[float, float] = (20.0, 2.0)
+    adaround_warmup: float = 0.2
+    warmup_fraction: float = 0.2      # linear warmup share of warmup_cosine schedules
+    distance_weight: float = 0.0      # HDRQ: lambda of lambda * sum ||W - W_source||
+    first_last_8bit: bool = True
+    init_search: str = "mse"
+    checkpoint_every: int = 500       # iterations between checkpoints (Lightning epochs of the engine)
+    weight: WeightRecipe = field(default_factory=WeightRecipe)
+    activation: ActivationRecipe = field(default_factory=ActivationRecipe)
+    noise: NoiseRecipe = field(default_factory=NoiseRecipe)
+
+    def __post_init__(self) -> None:
+        for name in ("w_bits", "a_bits"):
+            bits = getattr(self, name)
+            if not 2 <= bits <= 8:
+                raise ConfigError(f"quant.{name}={bits} is out of range; use a bit width from 2 to 8.")
+        if not set(self.passes) <= set(PASSES) or not self.passes:
+            raise ConfigError(f"quant.passes={self.passes} is invalid; use a list of {PASSES}.")
+        if self.weight.rounding not in ROUNDINGS:
+            raise ConfigError(f"quant.weight.rounding={self.weight.rounding!r}; use one of {ROUNDINGS}.")
+        for name, schedule in (("weight", self.weight.schedule), ("activation", self.activation.schedule)):
+            if schedule not in SCHEDULES:
+                raise ConfigError(f"quant.{name}.schedule={schedule!r}; use one of {SCHEDULES}.")
+        if self.noise.enabled and self.weight.rounding == "adaround":
+            raise ConfigError("noise-based quantization trains latent weights: set quant.weight.rounding=latent "
+                              "(AdaRound learns rounding offsets, which noise would bypass).")
+        for name in ("iters", "act_iters", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"quant.{name} must be a positive integer.")
+
+    @property
+    def tag(self) -> str:
+        return f"{self.method}_w{self.w_bits}a{self.a_bits}"
+
+    def phase_iters(self, pass_name: str) -> int:
+        return self.act_iters if pass_name == "activations" else self.iters
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> Recipe:
+        cfg = dict(cfg)
+        nested = {"weight": WeightRecipe, "activation": ActivationRecipe, "noise": NoiseRecipe}
+        known = {f.name for f in fields(cls)}
+        unknown = set(cfg) - known - {"calibration_size", "calibration_batch_size", "seed"}
+        if unknown:
+            raise ConfigError(f"unknown quant config keys {sorted(unknown)}; valid keys: {sorted(known)}.")
+        kwargs: dict[str, Any] = {}
+        for key, value in cfg.items():
+            if key not in known:
+                continue
+            if key in nested:
+                sub_known = {f.name for f in fields(nested[key])}
+                bad = set(value) - sub_known
+                if bad:
+                    raise ConfigError(f"unknown keys {sorted(bad)} in quant.{key}; valid: {sorted(sub_known)}.")
+                value = nested[key](**value)
+            elif key == "adaround_beta":
+                value = tuple(value)
+            elif key == "passes":
+                value = list(value)
+            kwargs[key] = value
+        return cls(**kwargs)
