@@ -19,6 +19,14 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "adapt": ("hdrq_lightning.stages.adapt", "run_adapt", "SHOT-adapt the source model to every target domain"),
     "quantize": ("hdrq_lightning.stages.quantize", "run_quantize",
                  "fold BN and quantize every expert by block reconstruction (quant=brecq|qdrop|hdrq)"),
+    "merge": ("hdrq_lightning.stages.merge", "run_merge",
+              "merge the quantized experts of one method/bit width (merge=fp: the FP experts)"),
+    "evaluate": ("hdrq_lightning.stages.evaluate", "run_evaluate",
+                 "evaluate a run's model on every target domain (evaluate.run=<stage>/<key>)"),
+    "analyze": ("hdrq_lightning.stages.analyze", "run_analyze",
+                "error barrier, loss surface and noise-sample spread of one method/bit width"),
+    "pipeline": ("hdrq_lightning.stages.pipeline", "run_pipeline",
+                 "source, adapt, quantize/merge/evaluate per method and bit width, analysis, summary"),
 }
 
 USAGE = """usage: hdrq <stage> [key=value ...] [hydra flags]

@@ -259,3 +259,20 @@ def test_dequantize_state_maps_integers_to_float_weights() -> None:
             assert math.isclose(float(dense["conv.weight"][channel].flatten()[index]), expected, rel_tol=1e-6)
     assert set(dense) == {"conv.weight", "conv.bias", "head.weight"}
     assert "act.scale" in dequantize_state(state, keep_activation_quantizers=True)
+
+
+def test_ambiguity_follows_the_integer_sum_not_the_steps():
+    """Official-code rule: two experts are ambiguous exactly where I_1 + I_2 is odd, even with unequal steps."""
+    first = torch.tensor([1, 1, 2, -3]).view(4, 1)
+    second = torch.tensor([2, 3, 2, 0]).view(4, 1)  # sums 3 (odd), 4, 4, -3 (odd)
+    experts = [
+        _expert(first, torch.full((4, 1), 0.10), torch.zeros(4, 1), 0.0),
+        _expert(second, torch.full((4, 1), 0.11), torch.zeros(4, 1), 0.1),
+    ]
+    method = get_merge_method("quantized", sampling="noise", num_samples=64, selection="none")
+    samples = torch.stack([s["conv.weight_int"].flatten() for s in method.sample_merges(experts)])
+    changes = (samples != samples[0]).any(0)
+    assert changes.tolist() == [True, False, False, True]
+    # the unambiguous elements are Eq. 11 exactly: round((I1 D1 + I2 D2) / (D1 + D2))
+    assert samples[0, 1].item() == round((1 * 0.10 + 3 * 0.11) / 0.21)
+    assert samples[0, 2].item() == 2

@@ -7,8 +7,11 @@ shape as the scale), ``m.weight_qmin`` / ``m.weight_qmax`` (int32 scalars) and o
 ``a.qmax``; every other tensor keeps its ordinary key. Expert k's weight is q_k = (I_k - z_k) D_k.
 
 Eq. 11: D = sum_k w_k D_k, z = round(sum_k w_k z_k), I = clamp(round(v) + z, qmin, qmax) with
-v = sum_k w_k q_k / D. Where v is a half-integer (two experts with equal steps and an odd integer
-sum) the rounding is ambiguous; without noise it is resolved by round-half-to-even (torch.round).
+v = sum_k w_k q_k / D. As in the official code, an element is ambiguous where the experts' integers
+average to a half-integer, sum_k w_k (I_k - z_k) in Z + 1/2 (two experts: an odd integer sum), whatever
+their steps: with similar steps Eq. 11 then sits next to a rounding boundary and its direction is
+decided by step noise rather than by the weights. Three experts with uniform weights are never
+ambiguous (paper, Table 2). Without noise, v is rounded half to even (torch.round).
 Eq. 12: at the ambiguous elements only, eps_k ~ U[-D_k/2, D_k/2] is added to each expert's weight
 before merging; per layer, the sample whose merged weight m best aligns with the interpolation
 (sum_k |cos(m - q_k, mid - q_k)|, mid = sum_k w_k q_k) is kept. Everything else (biases,
@@ -216,7 +219,8 @@ def _layer_grid(
     step = merged_scale.double().expand(shape)
     zero_point = merged_zero_point.double().expand(shape)
     value = midpoint / step
-    ambiguous = ((value - value.floor()) - 0.5).abs() <= tolerance
+    integer_mean = (weight * torch.stack([i.double() - z.double() for i, z in zip(integers, zero_points)])).sum(0)
+    ambiguous = ((integer_mean - integer_mean.floor()) - 0.5).abs() <= tolerance
     rounded = _to_grid(value, zero_point, qmin, qmax, integers[0].dtype)
     to_midpoint = midpoint - values
     offsets = (rounded.double() - zero_point) * step - values

@@ -19,7 +19,7 @@ from hdrq_lightning.errors import ConfigError
 from hdrq_lightning.quant.fold import symbolic_graph
 from hdrq_lightning.quant.quantizers import RANGE_SEARCHES, ActivationQuantizer, WeightQuantizer, check_bits
 
-CALIBRATION_SAMPLES = 1 << 20
+CALIBRATION_SAMPLES = 1 << 16
 
 
 @dataclass

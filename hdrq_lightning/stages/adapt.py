@@ -41,7 +41,7 @@ def adapt_one(cfg: DictConfig, dm, source_weights, target: str) -> dict:
     trainer = build_trainer(cfg, run, "adapt", tags=["adapt", hp.method, target], max_epochs=hp.epochs)
     trainer.fit(module, datamodule=dm, ckpt_path=resume_path(run, f"adapt/{target}"))
     adapted = accuracy(model, test_loader, dm.num_classes)
-    save_weights(model.state_dict(), run.weights_path, {"stage": "adapt", "domain": target})
+    save_weights(model.state_dict(), run.weights_path, {"format": "fp", "stage": "adapt", "domain": target})
     log.info("adapt %s -> %s: source-only %.2f%%, adapted %.2f%%", dm.source, target, source_only, adapted)
     return run.finish({"stage": "adapt", "method": hp.method, "source": dm.source, "target": target,
                        "fingerprints": fingerprints(cfg), "source_only_acc": source_only, "adapted_acc": adapted})

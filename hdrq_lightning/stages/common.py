@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +15,15 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
+from torch import nn
 
 from hdrq_lightning.artifacts import AtomicCheckpointIO, StageRun, fingerprint, load_weights
-from hdrq_lightning.errors import ConfigError
+from hdrq_lightning.errors import ArtifactError, ConfigError
 from hdrq_lightning.models.shot import ShotNet, build_shot_net
+from hdrq_lightning.quant.export import load_integer_file, load_integer_state
+from hdrq_lightning.quant.fold import fold_batch_norm
+from hdrq_lightning.quant.modules import QuantConfig, quantize_model
 
 log = logging.getLogger("hdrq")
 
@@ -95,3 +102,37 @@ def resume_path(run: StageRun, what: str) -> str | None:
     if ckpt is not None:
         log.info("resuming %s from checkpoint %s", what, ckpt)
     return str(ckpt) if ckpt else None
+
+
+# ----------------------------------------------------------------------------------------------- model files
+# The files a stage leaves, in the order a run dir is searched for "its model".
+MODEL_FILES = ("merged.safetensors", "quantized.safetensors", "model.safetensors")
+
+
+def model_file(run_dir: Path) -> Path:
+    for name in MODEL_FILES:
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise ArtifactError(f"no model file ({', '.join(MODEL_FILES)}) in {run_dir}; run the stage that writes it "
+                        "first, or point to a finished run dir.")
+
+
+def quantized_metadata(config: QuantConfig, **extra: str) -> dict[str, str]:
+    return {"format": "quantized", "quant_config": json.dumps(asdict(config)), **extra}
+
+
+def load_model_file(cfg: DictConfig, num_classes: int, path: Path) -> nn.Module:
+    """Rebuild the network a weight file describes (FP, BN-folded FP, or integer-quantized), in eval mode."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    kind = metadata.get("format", "fp")
+    if kind == "quantized":
+        state, _ = load_integer_file(path)
+        config = QuantConfig(**{**json.loads(metadata["quant_config"]), "init_search": "minmax"})
+        model = quantize_model(fold_batch_norm(build_model(cfg, num_classes)), config)
+        return load_integer_state(model, state).eval()
+    model = build_model(cfg, num_classes)
+    if kind == "fp_folded":
+        model = fold_batch_norm(model)
+    model.load_state_dict(load_weights(path))
+    return model.eval()

@@ -18,7 +18,7 @@ from hdrq_lightning.quant.modules import QuantConfig, quantize_model
 from hdrq_lightning.quant.reconstruction import ReconstructionModule
 from hdrq_lightning.quant.recipe import Recipe
 from hdrq_lightning.stages.common import (build_datamodule, build_trainer, fingerprints, load_model, log,
-                                          resume_path, stage_run, start_fresh_if_forced)
+                                          quantized_metadata, resume_path, stage_run, start_fresh_if_forced)
 
 QUANTIZED_FILE = "quantized.safetensors"
 # Layers of the SHOT head whose output feeds another quantized layer without a ReLU in between.
@@ -75,8 +75,7 @@ def quantize_one(cfg: DictConfig, dm, recipe: Recipe, source_folded: torch.nn.Mo
     fp_acc = accuracy(fp_model, test_loader, dm.num_classes)
     quant_acc = accuracy(quant_model, test_loader, dm.num_classes)
     save_integer_state(export_integer_state(quant_model.cpu()), run.dir / QUANTIZED_FILE,
-                       metadata={"method": recipe.method, "w_bits": str(recipe.w_bits),
-                                 "a_bits": str(recipe.a_bits), "target": target})
+                       metadata=quantized_metadata(quant_config(recipe), method=recipe.method, target=target))
     seconds = round(time.perf_counter() - started, 2)
     log.info("quantize %s %s: FP %.2f%%, quantized %.2f%% (%.1fs)", recipe.tag, target, fp_acc, quant_acc, seconds)
     return run.finish({"stage": "quantize", "method": recipe.method, "w_bits": recipe.w_bits,

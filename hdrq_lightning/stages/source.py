@@ -34,7 +34,7 @@ def run_source(cfg: DictConfig) -> dict:
     # SHOT keeps the best epoch on the held-out 10% of the source domain.
     state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    save_weights(model.state_dict(), run.weights_path, {"stage": "source", "domain": dm.source})
+    save_weights(model.state_dict(), run.weights_path, {"format": "fp", "stage": "source", "domain": dm.source})
     metrics = {
         "stage": "source", "domain": dm.source, "fingerprints": fingerprints(cfg),
         "best_val_acc": round(100.0 * float(best.best_model_score), 4),

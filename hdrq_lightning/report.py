@@ -1,0 +1,85 @@
+"""The pipeline's summary: summary.json, a Table-2-shaped summary.md, comparison plots, a W&B table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from hdrq_lightning.analysis import BarrierCurve, plot_barrier_curves, plot_method_comparison
+from hdrq_lightning.artifacts import write_json, write_text
+
+
+def _cell(entry: dict[str, Any], domains: list[str]) -> str:
+    experts = " ".join(f"{entry['experts'][d]:.2f}" for d in domains)
+    return f"**{entry['merged']['hmean']:.2f}** ({experts})"
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """Rows: methods; columns: bit widths; cell: merged harmonic mean (experts' per-domain accuracies)."""
+    domains = summary["targets"]
+    bits = list(dict.fromkeys(f"W{r['w_bits']}A{r['a_bits']}" for r in summary["results"]))
+    methods = list(dict.fromkeys(r["method"] for r in summary["results"]))
+    lines = [
+        f"# {summary['experiment']}: {summary['source']} -> {', '.join(domains)}",
+        "",
+        "Merged-model harmonic mean of the per-domain accuracies (%); in parentheses the quantized experts' "
+        f"accuracies on their own target ({', '.join(domains)}).",
+        "",
+        "| Method | " + " | ".join(bits) + " |",
+        "|---|" + "---|" * len(bits),
+        f"| FP (W32A32) | {_cell(summary['fp'], domains)} |" + " |" * (len(bits) - 1),
+    ]
+    by_key = {(r["method"], f"W{r['w_bits']}A{r['a_bits']}"): r for r in summary["results"]}
+    for method in methods:
+        cells = [_cell(by_key[(method, b)], domains) if (method, b) in by_key else "-" for b in bits]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    fp = summary["fp"]
+    lines += ["", f"FP merged per domain: " + ", ".join(f"{d} {fp['merged']['per_domain'][d]:.2f}" for d in domains),
+              f"; source-only accuracy: " + ", ".join(f"{d} {summary['source_only'][d]:.2f}" for d in domains)]
+    if summary.get("analysis"):
+        lines += ["", "| Method | error barrier (loss, Eq. 3) | mean merged H over random noise samples | "
+                      "with cosine selection |", "|---|---|---|---|"]
+        for tag, item in summary["analysis"].items():
+            lines.append(f"| {tag} | {item['barrier']:.4f} | {item['samples_mean']['random sample']:.2f} | "
+                         f"{item['samples_mean']['cosine selection']:.2f} |")
+        lines.append(f"\nFP error barrier (Eq. 2): {summary['fp_barrier']:.4f}")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(out_dir: Path, summary: dict[str, Any], barrier_curves: dict[str, BarrierCurve]) -> list[Path]:
+    write_json(out_dir / "summary.json", summary)
+    write_text(out_dir / "summary.md", summary_markdown(summary))
+    rows = [{"method": "FP", "bits": f"W{r['w_bits']}A{r['a_bits']}", "hmean": summary["fp"]["merged"]["hmean"]}
+            for r in summary["results"]]
+    rows = list({row["bits"]: row for row in rows}.values())
+    rows += [{"method": r["method"], "bits": f"W{r['w_bits']}A{r['a_bits']}", "hmean": r["merged"]["hmean"]}
+             for r in summary["results"]]
+    plots = [plot_method_comparison(rows, out_dir / "comparison.png",
+                                    title=f"{summary['experiment']}: merged harmonic mean")]
+    if barrier_curves:
+        plots.append(plot_barrier_curves(barrier_curves, out_dir / "barrier.png", title="error barrier"))
+    return plots
+
+
+def log_summary_to_wandb(cfg: DictConfig, out_dir: Path, summary: dict[str, Any], images: list[Path]) -> None:
+    """One W&B run (job_type=pipeline) with the summary table and the plots, grouped with the stages' runs."""
+    if not cfg.logger.get("wandb"):
+        return
+    import wandb
+
+    from hdrq_lightning.artifacts import StageRun
+
+    run = wandb.init(project=cfg.logger.project, entity=cfg.logger.get("entity"), group=cfg.name,
+                     job_type="pipeline", name="pipeline/summary", id=StageRun(out_dir).wandb_id(), resume="allow",
+                     dir=str(out_dir), mode="online" if cfg.logger.mode == "online" else "offline",
+                     tags=["summary", *cfg.pipeline.methods])
+    domains = summary["targets"]
+    table = wandb.Table(columns=["method", "w_bits", "a_bits", "merged_hmean", *[f"merged_{d}" for d in domains],
+                                 *[f"expert_{d}" for d in domains]])
+    for r in [{"method": "fp", "w_bits": 32, "a_bits": 32, **summary["fp"]}, *summary["results"]]:
+        table.add_data(r["method"], r["w_bits"], r["a_bits"], r["merged"]["hmean"],
+                       *[r["merged"]["per_domain"][d] for d in domains], *[r["experts"][d] for d in domains])
+    run.log({"summary": table, **{p.stem: wandb.Image(str(p)) for p in images}})
+    run.finish()

@@ -1,0 +1,50 @@
+"""Stage `evaluate`: accuracy of any stage's model on every target domain, and their harmonic mean."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from hdrq_lightning.errors import ConfigError
+from hdrq_lightning.evaluation import default_device
+from hdrq_lightning.metrics import MultiDomainAccuracy
+from hdrq_lightning.stages.common import (build_datamodule, fingerprints, load_model_file, log, model_file,
+                                          stage_run, start_fresh_if_forced)
+
+
+@torch.no_grad()
+def evaluate_domains(model: nn.Module, dm, domains: list[str], device: torch.device | None = None) -> dict:
+    """{"per_domain": {domain: acc %}, "hmean": %, "mean": %} on each domain's test split."""
+    device = device or default_device()
+    model.eval().to(device)
+    metric = MultiDomainAccuracy(domains).to(device)
+    for index, domain in enumerate(domains):
+        for images, labels, _ in dm.loader(domain, "test"):
+            metric.update(model(images.to(device)), labels.to(device), index)
+    result = metric.compute()
+    return {"per_domain": {d: round(float(a), 4) for d, a in zip(domains, result["per_domain"])},
+            "hmean": round(float(result["hmean"]), 4), "mean": round(float(result["mean"]), 4)}
+
+
+def run_evaluate(cfg: DictConfig) -> dict:
+    if not cfg.evaluate.run:
+        raise ConfigError("hdrq evaluate needs evaluate.run=<stage>/<key...>, a run dir under "
+                          f"{Path(cfg.paths.runs_dir) / cfg.name} (e.g. evaluate.run=merge/hdrq_w4a4).")
+    return evaluate_run(cfg, *Path(cfg.evaluate.run).parts)
+
+
+def evaluate_run(cfg: DictConfig, *parts: str) -> dict:
+    dm = build_datamodule(cfg)
+    source = stage_run(cfg, *parts)
+    run = stage_run(cfg, "evaluate", *parts)
+    if not start_fresh_if_forced(cfg, run):
+        return run.metrics()
+    weights = model_file(source.dir)
+    model = load_model_file(cfg, dm.num_classes, weights)
+    run.prepare(cfg)
+    result = evaluate_domains(model, dm, list(dm.targets))
+    log.info("evaluate %s: %s, harmonic mean %.2f%%", "/".join(parts), result["per_domain"], result["hmean"])
+    return run.finish({"stage": "evaluate", "model": str(weights), "fingerprints": fingerprints(cfg), **result})

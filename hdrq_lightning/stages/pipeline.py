@@ -1,0 +1,93 @@
+"""Stage `pipeline`: the whole classification study in one command, reusing every finished stage."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from hdrq_lightning.analysis import BarrierCurve
+from hdrq_lightning.artifacts import read_json
+from hdrq_lightning.errors import ConfigError
+from hdrq_lightning.report import log_summary_to_wandb, write_summary
+from hdrq_lightning.stages.adapt import run_adapt
+from hdrq_lightning.stages.analyze import run_analyze
+from hdrq_lightning.stages.common import log, stage_run
+from hdrq_lightning.stages.evaluate import evaluate_run
+from hdrq_lightning.stages.merge import merge_key, run_merge
+from hdrq_lightning.stages.quantize import run_quantize
+from hdrq_lightning.stages.source import run_source
+
+# Overrides the pipeline sets itself for each variant.
+_OWN_KEYS = re.compile(r"^[~+]*(quant|merge|stage)(=|\.w_bits=|\.a_bits=)")
+
+
+def parse_bits(label: str) -> tuple[int, int]:
+    match = re.fullmatch(r"W(\d+)A(\d+)", str(label).upper())
+    if not match:
+        raise ConfigError(f"pipeline.bits entry {label!r} is not of the form W<bits>A<bits> (e.g. W4A4).")
+    return int(match.group(1)), int(match.group(2))
+
+
+def variant(overrides: list[str], extra: list[str]) -> DictConfig:
+    """The config of one pipeline step: the user's overrides plus the step's own (quant preset, bits, merge)."""
+    kept = [o for o in overrides if not _OWN_KEYS.match(o)]
+    return compose(config_name="config", overrides=[*kept, *extra])
+
+
+def run_pipeline(cfg: DictConfig) -> dict:
+    if not HydraConfig.initialized():
+        raise ConfigError("the pipeline composes a config per method and bit width: run it through the CLI "
+                          "(`hdrq pipeline ...`).")
+    overrides = list(HydraConfig.get().overrides.task)
+    bit_widths = [parse_bits(b) for b in cfg.pipeline.bits]
+    source = run_source(cfg)
+    adapted = run_adapt(cfg)
+    targets = list(adapted)
+
+    fp_cfg = variant(overrides, ["stage=merge", "merge=fp", f"merge.method={cfg.pipeline.fp_merge}"])
+    run_merge(fp_cfg)
+    fp_merged = evaluate_run(fp_cfg, "merge", merge_key(fp_cfg))
+    summary = {
+        "experiment": cfg.name, "source": source["domain"], "targets": targets,
+        "source_only": {t: adapted[t]["source_only_acc"] for t in targets},
+        "fp": {"experts": {t: adapted[t]["adapted_acc"] for t in targets},
+               "merged": {"per_domain": fp_merged["per_domain"], "hmean": fp_merged["hmean"]}},
+        "results": [],
+    }
+    for method in cfg.pipeline.methods:
+        for w_bits, a_bits in bit_widths:
+            qcfg = variant(overrides, ["stage=quantize", f"quant={method}", f"quant.w_bits={w_bits}",
+                                       f"quant.a_bits={a_bits}"])
+            quantized = run_quantize(qcfg)
+            run_merge(qcfg)
+            merged = evaluate_run(qcfg, "merge", merge_key(qcfg))
+            summary["results"].append({
+                "method": method, "w_bits": w_bits, "a_bits": a_bits,
+                "experts": {t: quantized[t]["quant_acc"] for t in targets},
+                "merged": {"per_domain": merged["per_domain"], "hmean": merged["hmean"]},
+                "quantize_seconds": round(sum(quantized[t]["seconds"] for t in targets), 1),
+            })
+    curves: dict[str, BarrierCurve] = {}
+    if cfg.pipeline.analysis and len(targets) >= 2:
+        w_bits, a_bits = parse_bits(cfg.pipeline.analysis_bits or cfg.pipeline.bits[-1])
+        summary["analysis"] = {}
+        for method in cfg.pipeline.methods:
+            acfg = variant(overrides, ["stage=analyze", f"quant={method}", f"quant.w_bits={w_bits}",
+                                       f"quant.a_bits={a_bits}"])
+            result = run_analyze(acfg)
+            summary["analysis"][f"{method}_w{w_bits}a{a_bits}"] = result
+            record = read_json(stage_run(acfg, "analysis", merge_key(acfg)).dir / "analysis.json")
+            curves.setdefault("FP", BarrierCurve(**record["barrier"]["FP"]))
+            curves[method] = BarrierCurve(**record["barrier"][merge_key(acfg)])
+        summary["fp_barrier"] = curves["FP"].barrier
+    out_dir = Path(cfg.paths.runs_dir) / cfg.name
+    images = write_summary(out_dir, summary, curves)
+    log_summary_to_wandb(cfg, out_dir, summary, images)
+    print((out_dir / "summary.md").read_text())
+    print(f"outputs: {out_dir.resolve()} (summary.json, summary.md, comparison.png, barrier.png, "
+          "analysis/<method>/*.png)")
+    return summary
