@@ -8,12 +8,13 @@ quantization, merging) runs end to end with no download:
   small affine jitter;
 - ``negative``: per-channel photographic negative weighted by a random tint (strokes and background
   swap roles in the tint's dominant channel);
-- ``textured``: MNIST-M style, ``|photo patch - stroke|`` on patches of the photographs that
-  scikit-learn and scikit-image ship;
-- ``rotated``: rotated by 30-55 degrees (either sign) with dilated, thicker strokes.
+- ``textured``: MNIST-M style, ``|texture patch - stroke|`` with thickened strokes on tinted patches of
+  the texture photographs that scikit-image ships (grass, gravel, brick);
+- ``rotated``: rotated by 20-40 degrees (either sign) with dilated, thicker strokes.
 
-Measured difficulty (small timm ResNet, 10 epochs Adam on clean-train, three seeds): clean-test
-96-97%, negative 37-45%, textured 30-33%, rotated 24-31% (chance 10%).
+Measured with the built-in experiment (`hdrq source` then `hdrq adapt`, seed 0): source model on
+clean-test 95.1%; source-only -> SHOT-adapted accuracy: negative 44.4 -> 70.2, textured 52.4 -> 59.3,
+rotated 49.8 -> 58.9 (chance 10%).
 
 One seeded split of the digit indices into a train pool and a test pool is shared by all domains,
 so no test digit of any domain is seen in training of any domain.
@@ -80,12 +81,17 @@ def _load_digit_glyphs() -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=1)
 def _load_photo_pool() -> tuple[np.ndarray, ...]:
-    """Photographs shipped with scikit-learn / scikit-image, downscaled x2 for denser texture."""
-    import skimage.data
-    from sklearn.datasets import load_sample_images
+    """Texture photographs shipped with scikit-image (grass, gravel, brick), tinted, downscaled x2.
 
-    photos = list(load_sample_images().images)
-    photos += [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket()]
+    A few consistent textures (rather than arbitrary photos) give the domain stable statistics, as a real
+    acquisition shift has; the tint per texture makes it a colour shift too.
+    """
+    import skimage.data
+
+    tints = ((0.55, 0.9, 0.45), (0.85, 0.75, 0.6), (0.9, 0.5, 0.4))
+    textures = (skimage.data.grass(), skimage.data.gravel(), skimage.data.brick())
+    photos = [texture[..., None].astype(np.float32) * np.asarray(tint, np.float32)
+              for texture, tint in zip(textures, tints)]
     pool = []
     for photo in photos:
         height, width = (photo.shape[0] // 2) * 2, (photo.shape[1] // 2) * 2
@@ -172,8 +178,12 @@ def _render_negative(strokes: np.ndarray, rng: np.random.Generator) -> np.ndarra
 
 
 def _render_textured(strokes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """MNIST-M style: ``|photo patch - stroke|`` on random 32x32 patches of real photographs."""
+    """MNIST-M style: ``|photo patch - stroke|`` on random 32x32 patches of real photographs.
+
+    Strokes are thickened (3x3 dilation) so the digit stays the dominant shape over the texture.
+    """
     jittered = _jitter(strokes, rng)
+    jittered = F.max_pool2d(torch.from_numpy(jittered)[:, None], kernel_size=3, stride=1, padding=1)[:, 0].numpy()
     photos = _load_photo_pool()
     photo_ids = rng.integers(0, len(photos), len(strokes))
     corners = rng.uniform(0, 1, (len(strokes), 2))
@@ -187,9 +197,9 @@ def _render_textured(strokes: np.ndarray, rng: np.random.Generator) -> np.ndarra
 
 
 def _render_rotated(strokes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Rotated by 30-55 degrees of random sign, strokes thickened by a 3x3 dilation."""
+    """Rotated by 20-40 degrees of random sign, strokes thickened by a 3x3 dilation."""
     count = len(strokes)
-    angles = rng.uniform(30.0, 55.0, count) * rng.choice([-1.0, 1.0], count)
+    angles = rng.uniform(20.0, 40.0, count) * rng.choice([-1.0, 1.0], count)
     rotated = _warp(strokes, angles, rng.uniform(0.9, 1.1, count), rng.uniform(-2.0, 2.0, (count, 2)))
     thickened = F.max_pool2d(torch.from_numpy(rotated)[:, None], kernel_size=3, stride=1, padding=1)
     return np.repeat(thickened[:, 0].numpy()[..., None], 3, axis=-1) * 255.0
