@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.errors import InstantiationException
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
@@ -19,7 +20,7 @@ from safetensors import safe_open
 from torch import nn
 
 from hdrq_lightning.artifacts import AtomicCheckpointIO, StageRun, fingerprint, load_weights
-from hdrq_lightning.errors import ArtifactError, ConfigError
+from hdrq_lightning.errors import ArtifactError, ConfigError, HdrqError
 from hdrq_lightning.models.shot import ShotNet, build_shot_net
 from hdrq_lightning.quant.export import load_integer_file, load_integer_state
 from hdrq_lightning.quant.fold import fold_batch_norm
@@ -42,7 +43,12 @@ def fingerprints(cfg: DictConfig) -> dict[str, str]:
 
 
 def build_datamodule(cfg: DictConfig):
-    return hydra.utils.instantiate(cfg.data, _convert_="all")
+    try:
+        return hydra.utils.instantiate(cfg.data, _convert_="all")
+    except InstantiationException as err:  # surface our own one-paragraph errors, not Hydra's wrapper
+        if isinstance(err.__cause__, HdrqError):
+            raise err.__cause__ from None
+        raise
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> ShotNet:

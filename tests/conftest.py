@@ -1,0 +1,42 @@
+"""Shared fixtures: a composed config writing into tmp_path, and a GPU-only marker helper."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from tiny import CONF_DIR, TINY
+
+
+
+def run_if_gpu():
+    return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def compose_cfg(tmp_path, monkeypatch):
+    """compose_cfg(stage, *overrides) -> DictConfig with runs under tmp_path (Hydra's compose API)."""
+    monkeypatch.setenv("HDRQ_RUNS_DIR", str(tmp_path / "runs"))
+    GlobalHydra.instance().clear()
+    context = initialize_config_dir(config_dir=CONF_DIR, version_base="1.3")
+    context.__enter__()
+
+    def _compose(stage: str, *overrides: str):
+        return compose("config", overrides=[f"stage={stage}", *TINY, *overrides])
+
+    yield _compose
+    context.__exit__(None, None, None)
+
+
+@pytest.fixture(autouse=True)
+def _single_thread_and_offline(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, int(os.environ.get("HDRQ_TEST_THREADS", "2"))))
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,110 @@
+"""Every config group composes and instantiates; the CLI prints configs and stages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+from omegaconf import OmegaConf
+
+from hdrq_lightning.errors import HdrqError
+from hdrq_lightning.merge import get_merge_method
+from hdrq_lightning.quant.recipe import Recipe
+from hdrq_lightning.stages.common import build_datamodule, build_loggers, build_model
+from hdrq_lightning.artifacts import StageRun
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if p.stem != "base")
+
+
+@pytest.mark.parametrize("preset", options("quant"))
+def test_quant_presets_build_recipes(compose_cfg, preset):
+    recipe = Recipe.from_config(compose_cfg("quantize", f"quant={preset}").quant)
+    assert recipe.method == preset
+    assert 2 <= recipe.w_bits <= 8
+
+
+def test_presets_are_one_engine_with_the_paper_settings(compose_cfg):
+    brecq, qdrop, hdrq = (Recipe.from_config(compose_cfg("quantize", f"quant={p}", "quant.iters=20000").quant)
+                          for p in ("brecq", "qdrop", "hdrq"))
+    assert brecq.passes == ["weights", "activations"] and brecq.input_quant_prob == 1.0 and brecq.drop_prob == 0
+    assert qdrop.passes == ["joint"] and qdrop.input_quant_prob == 0.5 and qdrop.drop_prob == 0.5
+    assert hdrq.noise.enabled and hdrq.distance_weight == 0.05 and hdrq.weight.rounding == "latent"
+    assert hdrq.noise.switch_iteration(hdrq.iters) == 20000 - 3500
+
+
+@pytest.mark.parametrize("merge", options("merge"))
+def test_merge_groups_build_methods(compose_cfg, merge):
+    cfg = compose_cfg("merge", f"merge={merge}")
+    get_merge_method(cfg.merge.method, **OmegaConf.to_container(cfg.merge.params, resolve=True))
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_model_groups_build(compose_cfg, model):
+    net = build_model(compose_cfg("source", f"model={model}"), num_classes=5)
+    assert net.classifier.out_features == 5
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_trainer_groups_instantiate(compose_cfg, trainer, tmp_path):
+    cfg = compose_cfg("source", f"trainer={trainer}", "trainer.accelerator=cpu")
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    L.Trainer(logger=False, default_root_dir=str(tmp_path), **kwargs)
+
+
+@pytest.mark.parametrize("logger", options("logger"))
+def test_logger_groups_build(compose_cfg, logger, tmp_path):
+    cfg = compose_cfg("source", f"logger={logger}")
+    loggers = build_loggers(cfg, StageRun(tmp_path / "run").prepare(), "source", ["test"])
+    assert loggers[0].__class__.__name__ == "CSVLogger"
+    assert len(loggers) == (2 if logger == "wandb" else 1)
+
+
+def test_digits_datamodule_instantiates(compose_cfg):
+    dm = build_datamodule(compose_cfg("source"))
+    assert dm.num_classes == 10 and dm.source == "clean" and len(dm.targets) == 3
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiments_compose(compose_cfg, experiment):
+    cfg = compose_cfg("pipeline", f"experiment={experiment}")
+    assert cfg.name
+    OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_office_home_without_data_is_a_clear_error(compose_cfg, tmp_path):
+    cfg = compose_cfg("source", "experiment=office_home", f"data.root={tmp_path / 'missing'}")
+    with pytest.raises(HdrqError, match="OfficeHome|root|layout"):
+        build_datamodule(cfg)
+
+
+def _hdrq(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hdrq_lightning.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_lists_stages_and_prints_config(tmp_path):
+    out = _hdrq("--help", cwd=tmp_path)
+    assert out.returncode == 0
+    for stage in ("source", "adapt", "quantize", "merge", "evaluate", "analyze", "pipeline"):
+        assert stage in out.stdout
+    out = _hdrq("quantize", "quant=qdrop", "quant.w_bits=3", "--cfg", "job", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "method: qdrop" in out.stdout and "w_bits: 3" in out.stdout
+
+
+def test_cli_bad_input_is_one_paragraph(tmp_path):
+    out = _hdrq("source", "experiment=office_home", f"data.root={tmp_path / 'nowhere'}", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "error: hdrq source:" in out.stderr
+    out = _hdrq("quantize", "quant.w_bits=12", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "2 to 8" in out.stderr
+    out = _hdrq("frobnicate", cwd=tmp_path)
+    assert out.returncode == 2 and "unknown stage" in out.stderr

@@ -1,0 +1,96 @@
+"""Stages end to end on tiny settings: artifacts, skip-when-done, compatibility checks and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hdrq_lightning.artifacts import StageRun, load_weights, read_json
+from hdrq_lightning.errors import ArtifactError
+from hdrq_lightning.quant.export import load_integer_file
+from hdrq_lightning.stages.adapt import run_adapt
+from hdrq_lightning.stages.evaluate import evaluate_run
+from hdrq_lightning.stages.merge import run_merge
+from hdrq_lightning.stages.quantize import run_quantize
+from hdrq_lightning.stages.source import run_source
+
+from tiny import TINY
+
+
+def test_source_adapt_quantize_merge_evaluate(compose_cfg, tmp_path):
+    source = run_source(compose_cfg("source"))
+    run_dir = tmp_path / "runs" / "digits" / "source" / "clean"
+    assert source["status"] == "done" and set(source["test_acc"]) == {"clean", "negative", "textured", "rotated"}
+    for name in ("config.yaml", "metrics.json", "model.safetensors", "checkpoints/last.ckpt"):
+        assert (run_dir / name).is_file(), name
+    assert load_weights(run_dir / "model.safetensors")  # safetensors: opening it runs no code
+
+    adapted = run_adapt(compose_cfg("adapt"))
+    assert set(adapted) == {"negative", "textured", "rotated"}
+    assert all({"source_only_acc", "adapted_acc"} <= set(m) for m in adapted.values())
+
+    quantized = run_quantize(compose_cfg("quantize", "quant=qdrop", "quant.w_bits=4", "quant.a_bits=4"))
+    for target, metrics in quantized.items():
+        state, meta = load_integer_file(tmp_path / f"runs/digits/quantize/qdrop_w4a4/{target}/quantized.safetensors")
+        assert meta["format"] == "quantized" and {"fp_acc", "quant_acc"} <= set(metrics)
+        for key, codes in state.items():
+            if key.endswith(".weight_int"):
+                layer = key.removesuffix(".weight_int")
+                assert codes.dtype in (torch.int8, torch.int16)
+                assert int(codes.min()) >= int(state[f"{layer}.weight_qmin"])
+                assert int(codes.max()) <= int(state[f"{layer}.weight_qmax"])
+
+    cfg = compose_cfg("merge", "quant=qdrop")
+    run_merge(cfg)
+    result = evaluate_run(cfg, "merge", "qdrop_w4a4")
+    assert set(result["per_domain"]) == {"negative", "textured", "rotated"} and 0 <= result["hmean"] <= 100
+
+    # finished stages are skipped (same metrics, no new work) ...
+    started = time.perf_counter()
+    assert run_source(compose_cfg("source"))["test_acc"] == source["test_acc"]
+    assert time.perf_counter() - started < 5
+    # ... and a later stage refuses inputs made with another data configuration
+    with pytest.raises(ArtifactError, match="different 'data'"):
+        run_adapt(compose_cfg("adapt", "data.image_size=28", "force=true"))
+
+
+def test_later_stage_without_inputs_is_a_clear_error(compose_cfg):
+    with pytest.raises(ArtifactError, match="run that stage first"):
+        run_adapt(compose_cfg("adapt"))
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+def test_killed_adapt_resumes_from_its_last_checkpoint(compose_cfg, tmp_path):
+    run_source(compose_cfg("source"))
+    env = {**os.environ, "HDRQ_RUNS_DIR": str(tmp_path / "runs"), "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "hdrq_lightning.cli", "adapt", *TINY, "adapt.epochs=5"]
+    process = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    target_dir = tmp_path / "runs/digits/adapt/negative"
+    _wait_for(target_dir / "checkpoints/last.ckpt", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not StageRun(target_dir).is_done()
+    assert not list(target_dir.rglob("*.tmp")), "a killed run left a half-written file"
+
+    finished = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    log = finished.stdout + finished.stderr
+    assert f"resuming adapt/negative from checkpoint {target_dir / 'checkpoints/last.ckpt'}" in log
+    for target in ("negative", "textured", "rotated"):
+        metrics = read_json(tmp_path / f"runs/digits/adapt/{target}/metrics.json")
+        assert metrics["status"] == "done"
