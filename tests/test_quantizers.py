@@ -191,7 +191,14 @@ def test_noise_matches_residual_distribution_and_pins_clipped(distribution: str)
     noise = (out.detach() / 0.1 + 3.0 - x)[in_range]
     residuals = (x - torch.round(x))[in_range]
     if distribution == "histogram":
-        assert stats.ks_2samp(noise.numpy(), residuals.numpy()).pvalue > 1e-3
+        # Same distribution up to the 256-bin resolution: equal bin frequencies (two-sample chi-square) ...
+        observed = torch.histc(noise, 256, -0.5, 0.5)
+        expected = torch.histc(residuals, 256, -0.5, 0.5)
+        occupied = (observed + expected) >= 10
+        table = torch.stack([observed[occupied], expected[occupied]]).numpy()
+        assert stats.chi2_contingency(table).pvalue > 1e-3
+        # ... and CDFs that differ by no more than the within-bin mass of this very skewed density.
+        assert stats.ks_2samp(noise.numpy(), residuals.numpy()).statistic < 0.03
         assert noise.mean().item() == pytest.approx(residuals.mean().item(), abs=0.01)
     else:
         assert stats.kstest(noise.numpy(), stats.uniform(loc=-0.5, scale=1).cdf).pvalue > 1e-3

@@ -27,6 +27,9 @@ def rounding_residual_noise(
     ``bins``-bin histogram over [-1/2, 1/2] of the residuals ``x - round(x)`` of the elements where
     ``mask`` is true (all elements when ``mask`` is None), samples bins in proportion to their counts
     and jitters uniformly inside the bin. ``"uniform"`` draws from U[-1/2, 1/2].
+
+    Bins are drawn by inverse-CDF sampling (``searchsorted`` of uniforms into the cumulative counts):
+    the same distribution as multinomial sampling, an order of magnitude faster, and graph-capturable.
     """
     if distribution == "uniform":
         return torch.rand_like(x) - 0.5
@@ -40,7 +43,9 @@ def rounding_residual_noise(
         counts = torch.histc(
             torch.where(mask, residuals, torch.full_like(residuals, 2.0)), bins=bins, min=-0.5, max=0.5
         )
-    bin_index = torch.multinomial(counts + _EMPTY_BIN_WEIGHT, x.numel(), replacement=True)
+    cumulative = torch.cumsum(counts + _EMPTY_BIN_WEIGHT, dim=0)
+    uniforms = torch.rand(x.numel(), device=x.device) * cumulative[-1]
+    bin_index = torch.searchsorted(cumulative, uniforms, right=True).clamp_(max=bins - 1)
     bin_width = 1.0 / bins
     jitter = torch.rand(x.numel(), device=x.device)
     noise = -0.5 + (bin_index.to(torch.float32) + jitter) * bin_width
