@@ -15,6 +15,8 @@ NOISE_DISTRIBUTIONS: tuple[str, ...] = ("histogram", "uniform")
 # Added to every histogram bin so that sampling never sees an all-zero histogram (every element
 # clipped) without a host-side check; negligible next to the count of any occupied bin (>= 1).
 _EMPTY_BIN_WEIGHT = 1e-6
+# Resolution of the inverse-CDF table used to draw histogram bins.
+_QUANTILE_SLOTS = 1 << 16
 
 
 @torch.no_grad()
@@ -28,8 +30,10 @@ def rounding_residual_noise(
     ``mask`` is true (all elements when ``mask`` is None), samples bins in proportion to their counts
     and jitters uniformly inside the bin. ``"uniform"`` draws from U[-1/2, 1/2].
 
-    Bins are drawn by inverse-CDF sampling (``searchsorted`` of uniforms into the cumulative counts):
-    the same distribution as multinomial sampling, an order of magnitude faster, and graph-capturable.
+    Bins are drawn by inverse-CDF sampling through a quantile table: ``_QUANTILE_SLOTS`` equally likely
+    slots, each mapped once to the bin holding its quantile, then one gather per element. Every bin's
+    probability is exact to 1/_QUANTILE_SLOTS; unlike ``torch.multinomial`` (or a per-element
+    ``searchsorted``) the cost is one gather per element, with no host sync, so it can be graph-captured.
     """
     if distribution == "uniform":
         return torch.rand_like(x) - 0.5
@@ -44,8 +48,9 @@ def rounding_residual_noise(
             torch.where(mask, residuals, torch.full_like(residuals, 2.0)), bins=bins, min=-0.5, max=0.5
         )
     cumulative = torch.cumsum(counts + _EMPTY_BIN_WEIGHT, dim=0)
-    uniforms = torch.rand(x.numel(), device=x.device) * cumulative[-1]
-    bin_index = torch.searchsorted(cumulative, uniforms, right=True).clamp_(max=bins - 1)
+    quantiles = (torch.arange(_QUANTILE_SLOTS, device=x.device, dtype=torch.float32) + 0.5) / _QUANTILE_SLOTS
+    table = torch.searchsorted(cumulative / cumulative[-1], quantiles, right=True).clamp_(max=bins - 1)
+    bin_index = table[torch.randint(_QUANTILE_SLOTS, (x.numel(),), device=x.device)]
     bin_width = 1.0 / bins
     jitter = torch.rand(x.numel(), device=x.device)
     noise = -0.5 + (bin_index.to(torch.float32) + jitter) * bin_width
