@@ -29,20 +29,22 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "",
         "| Method | " + " | ".join(bits) + " |",
         "|---|" + "---|" * len(bits),
-        f"| FP (W32A32) | {_cell(summary['fp'], domains)} |" + " |" * (len(bits) - 1),
+        "| FP (W32A32) | " + " | ".join([_cell(summary["fp"], domains)] * len(bits)) + " |",
     ]
     by_key = {(r["method"], f"W{r['w_bits']}A{r['a_bits']}"): r for r in summary["results"]}
     for method in methods:
         cells = [_cell(by_key[(method, b)], domains) if (method, b) in by_key else "-" for b in bits]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     fp = summary["fp"]
-    lines += ["", f"FP merged per domain: " + ", ".join(f"{d} {fp['merged']['per_domain'][d]:.2f}" for d in domains),
-              f"; source-only accuracy: " + ", ".join(f"{d} {summary['source_only'][d]:.2f}" for d in domains)]
+    lines += ["", "FP merged per domain: " + ", ".join(f"{d} {fp['merged']['per_domain'][d]:.2f}" for d in domains)
+              + "; source-only accuracy: " + ", ".join(f"{d} {summary['source_only'][d]:.2f}" for d in domains)]
     if summary.get("analysis"):
-        lines += ["", "| Method | error barrier (loss, Eq. 3) | mean merged H over random noise samples | "
-                      "with cosine selection |", "|---|---|---|---|"]
+        pair = " + ".join(next(iter(summary["analysis"].values()))["pair"])
+        lines += ["", f"Analysis of the two-expert merge {pair} (analysis/<method>/*.png):", "",
+                  "| Method | error barrier (loss, Eq. 3) | merged H-mean, random noise sample (mean) | "
+                  "with cosine selection (mean) |", "|---|---|---|---|"]
         for tag, item in summary["analysis"].items():
-            lines.append(f"| {tag} | {item['barrier']:.4f} | {item['samples_mean']['random sample']:.2f} | "
+            lines.append(f"| {tag} | {item['barrier'][tag]:.4f} | {item['samples_mean']['random sample']:.2f} | "
                          f"{item['samples_mean']['cosine selection']:.2f} |")
         lines.append(f"\nFP error barrier (Eq. 2): {summary['fp_barrier']:.4f}")
     return "\n".join(lines) + "\n"

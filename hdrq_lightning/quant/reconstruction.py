@@ -79,6 +79,8 @@ class ReconstructionModule(L.LightningModule):
         self.fp_model = fp_model.eval().requires_grad_(False)
         self.quant_model = quant_model.requires_grad_(False)
         self.register_buffer("calibration", calibration, persistent=False)
+        # The iteration counter lives on the host (no device sync per step); the buffer mirrors it into checkpoints.
+        self._step = 0
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self.fp_blocks = [unit for _, unit in reconstruction_blocks(fp_model)]
         named_units = reconstruction_blocks(quant_model)
@@ -102,16 +104,16 @@ class ReconstructionModule(L.LightningModule):
 
     @property
     def finished(self) -> bool:
-        return int(self.step_count) >= self.total_iters
+        return self._step >= self.total_iters
 
     @property
     def phase(self) -> Phase:
-        step = min(int(self.step_count), self.total_iters - 1)
+        step = min(self._step, self.total_iters - 1)
         return next(p for p in reversed(self.plan) if p.start <= step)
 
     @property
     def phase_iteration(self) -> int:
-        return int(self.step_count) - self.phase.start
+        return self._step - self.phase.start
 
     def current_layers(self) -> list[tuple[str, nn.Module]]:
         return self.block_layers[self.phase.block]
@@ -224,9 +226,11 @@ class ReconstructionModule(L.LightningModule):
             for _, layer in self.block_layers[phase.block]:
                 quantizer = layer.weight_quantizer
                 if self.recipe.weight.rounding == "adaround":
-                    # Fix the rounding, then keep the hard weights on the grid: "nearest" reproduces them exactly.
-                    quantizer.harden(layer.weight)
-                    layer.weight.copy_(quantizer(layer.weight))
+                    quantizer.harden(layer.weight)  # fix the rounding: floor + (alpha >= 0)
+                else:
+                    quantizer.set_mode("nearest")
+                # A finished unit holds its dequantized integers; "nearest" reproduces them exactly.
+                layer.weight.copy_(quantizer(layer.weight))
                 quantizer.set_mode("nearest")
         if _trains_activations(phase.pass_name):
             for _, quantizer in activation_quantizers(block):
@@ -281,25 +285,35 @@ class ReconstructionModule(L.LightningModule):
         terms = [layer.weight_quantizer.adaround_regularizer(beta) for _, layer in self.current_layers()]
         return recipe.adaround_reg_weight * torch.stack(terms).sum() if terms else None
 
-    def _local_batch(self, cache: _BlockCache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's slice of the global batch (every rank draws the same global indices)."""
-        indices = torch.randint(len(cache.fp_target), (self.recipe.batch_size,), device=cache.fp_target.device)
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        indices = indices.tensor_split(world)[rank]
-        return cache.quant_input[indices], cache.fp_input[indices], cache.fp_target[indices]
+    def _world(self) -> tuple[int, int]:
+        if self._trainer is None:
+            return 1, 0
+        return self.trainer.world_size, self.trainer.global_rank
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        if self.finished:
-            return None
+    def _batch(self, phase: Phase) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of the global batch: inputs (mixed as the recipe says) and FP targets.
+
+        Every rank draws the same global indices and mixing mask, so N ranks with batch B/N each compute
+        exactly the gradient of one device with batch B.
+        """
+        cache = self._cache
+        indices = torch.randint(len(cache.fp_target), (self.recipe.batch_size,), device=cache.fp_target.device)
+        inputs = cache.quant_input[indices]
+        p = self.recipe.input_quant_prob if _trains_activations(phase.pass_name) else 1.0
+        if p < 1.0:
+            inputs = torch.where(torch.rand_like(inputs) < p, inputs, cache.fp_input[indices])
+        world, rank = self._world()
+        local = torch.arange(len(indices), device=indices.device).tensor_split(world)[rank]
+        return inputs[local], cache.fp_target[indices[local]]
+
+    def reconstruction_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One iteration on the current unit: sample, forward, loss, backward, update. Returns (loss, error)."""
         phase, iteration = self.phase, self.phase_iteration
         if self._entered != phase:
             raise RuntimeError(f"reconstruction phase {phase} was not entered before its first step")
-        torch.manual_seed(self.seed * 1_000_003 + int(self.step_count))
-        quant_input, fp_input, target = self._local_batch(self._cache)
-        p = self.recipe.input_quant_prob if _trains_activations(phase.pass_name) else 1.0
-        inputs = quant_input if p >= 1.0 else torch.where(torch.rand_like(quant_input) < p, quant_input, fp_input)
-        block = self.quant_blocks[phase.block]
-        output = block(inputs)
+        torch.manual_seed(self.seed * 1_000_003 + self._step)
+        inputs, target = self._batch(phase)
+        output = self.quant_blocks[phase.block](inputs)
         reconstruction = (output - target).pow(2).sum(dim=1).mean()
         loss = reconstruction
         extra = [self._adaround_penalty(phase, iteration)]
@@ -307,20 +321,43 @@ class ReconstructionModule(L.LightningModule):
         for term in extra:
             if term is not None:
                 loss = loss + term
+        self._update(loss, phase)
+        self._step += 1
+        self.step_count.fill_(self._step)
+        if self._step >= phase.start + phase.iters:
+            self._finish_phase(phase)
+            if not self.finished:
+                self._enter_phase()
+        return loss.detach(), reconstruction.detach()
+
+    def _update(self, loss: torch.Tensor, phase: Phase) -> None:
+        if self._trainer is None:  # driven directly (benchmarks, notebooks)
+            self._optimizer.zero_grad(set_to_none=True)
+            if loss.requires_grad:
+                loss.backward()
+            self._optimizer.step()
+            return
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
         if loss.requires_grad:
             self.manual_backward(loss)
             self._sync_gradients(phase)
         optimizer.step()
-        self.log("quantize/train/reconstruction", reconstruction.detach(), prog_bar=True)
-        self.log("quantize/train/block", float(phase.block), prog_bar=True)
-        self.step_count += 1
-        if int(self.step_count) >= phase.start + phase.iters:
-            self._finish_phase(phase)
-            if not self.finished:
-                self._enter_phase()
-        return loss.detach()
+
+    def start(self) -> None:
+        """Prepare to be driven without a Trainer: build the optimizer and enter the current unit."""
+        self.configure_optimizers()
+        if not self.finished:
+            self._enter_phase()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        if self.finished:
+            return None
+        block = self.phase.block
+        loss, reconstruction = self.reconstruction_step()
+        self.log("quantize/train/reconstruction", reconstruction, prog_bar=True)
+        self.log("quantize/train/block", float(block), prog_bar=True)
+        return loss
 
     def _sync_gradients(self, phase: Phase) -> None:
         if self.trainer.world_size <= 1 or not dist.is_available() or not dist.is_initialized():
@@ -337,7 +374,7 @@ class ReconstructionModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["reconstruction"] = {"recipe": self.recipe.to_dict(), "step_count": int(self.step_count)}
+        checkpoint["reconstruction"] = {"recipe": self.recipe.to_dict(), "step_count": self._step}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("reconstruction")
@@ -346,4 +383,5 @@ class ReconstructionModule(L.LightningModule):
                 "the reconstruction checkpoint was written with a different quant recipe; resume with the same "
                 "quant settings, or start over with force=true."
             )
+        self._step = int(state["step_count"])
         self._entered = None

@@ -1,0 +1,173 @@
+"""The block-reconstruction engine: unit partition, presets, determinism and mid-block resume."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from hdrq_lightning.artifacts import AtomicCheckpointIO
+from hdrq_lightning.callbacks import CosineWarmup, DistanceRegularizer, NoiseToFakeQuantSwitch
+from hdrq_lightning.data.datamodule import DomainDataModule
+from hdrq_lightning.models.shot import build_shot_net
+from hdrq_lightning.quant.blocks import reconstruction_blocks
+from hdrq_lightning.quant.fold import fold_batch_norm
+from hdrq_lightning.quant.modules import activation_quantizers, quant_layers, quantize_model
+from hdrq_lightning.quant.reconstruction import ReconstructionModule
+from hdrq_lightning.quant.recipe import NoiseRecipe, Recipe, WeightRecipe
+from hdrq_lightning.stages.quantize import quant_config
+
+PRESETS = {
+    "brecq": dict(passes=["weights", "activations"], input_quant_prob=1.0, drop_prob=0.0),
+    "qdrop": dict(passes=["joint"]),
+    "hdrq": dict(passes=["joint"], distance_weight=0.05,
+                 weight=WeightRecipe(rounding="latent", symmetric=True, learn_scale=True, lr=1e-4,
+                                     schedule="warmup_cosine"),
+                 noise=NoiseRecipe(enabled=True)),
+}
+
+
+def recipe(method: str, **overrides) -> Recipe:
+    return Recipe(method=method, **{"iters": 12, "act_iters": 6, "batch_size": 8, "checkpoint_every": 5,
+                                    **PRESETS[method], **overrides})
+
+
+def callbacks(r: Recipe, source_state: dict[str, torch.Tensor]) -> list:
+    found = [CosineWarmup(r.warmup_fraction)]
+    if r.noise.enabled:
+        found.append(NoiseToFakeQuantSwitch(r.noise))
+    if r.distance_weight:
+        found.append(DistanceRegularizer(source_state, r.distance_weight))
+    return found
+
+
+def reconstruct(fp, quant, calibration, r, tmp_path=None, max_epochs=None, ckpt_path=None, seed=0):
+    module = ReconstructionModule(fp, quant, calibration, r, seed=seed)
+    extra = {}
+    if tmp_path is not None:
+        extra = {"callbacks": [ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_epochs=1,
+                                               save_on_train_epoch_end=True)],
+                 "enable_checkpointing": True, "plugins": [AtomicCheckpointIO()]}
+    source = {k: v + 0.01 for k, v in fp.state_dict().items() if k.endswith("weight")}
+    trainer = L.Trainer(max_epochs=max_epochs or math.ceil(module.total_iters / r.checkpoint_every),
+                        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0,
+                        **{"enable_checkpointing": False, **extra},
+                        callbacks=callbacks(r, source) + extra.get("callbacks", []))
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    torch.manual_seed(0)
+    model = build_shot_net("resnet_tiny", 10).eval()
+    for m in model.modules():  # non-trivial BN statistics, as after training
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    fp = fold_batch_norm(model)
+    calibration = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return model, fp, calibration
+
+
+def test_units_compose_to_the_model(tiny_models):
+    model, fp, calibration = tiny_models
+    for net in (model, fp, quantize_model(fp, quant_config(recipe("qdrop")))):
+        x = calibration[:4]
+        out = x
+        for _, unit in reconstruction_blocks(net):
+            out = unit(out)
+        torch.testing.assert_close(out, net(x))
+    names = [name for name, _ in reconstruction_blocks(fp)]
+    assert names == ["stem", "layer1.0", "layer2.0", "layer3.0", "layer4.0", "head"]
+
+
+@pytest.mark.parametrize("method", ["brecq", "qdrop", "hdrq"])
+def test_every_preset_runs_and_ends_on_the_grid(tiny_models, method):
+    _, fp, calibration = tiny_models
+    r = recipe(method)
+    quant = quantize_model(fp, quant_config(r))
+    module = reconstruct(fp, quant, calibration, r)
+    assert int(module.step_count) == module._step == module.total_iters == sum(p.iters for p in module.plan)
+    for _, layer in quant_layers(quant):
+        q = layer.weight_quantizer
+        assert q.mode == "nearest"
+        codes = layer.weight / q.scale + q.zero_point
+        torch.testing.assert_close(codes, codes.round(), atol=1e-4, rtol=0)  # hard weights lie on the grid
+    assert all(q.mode == "nearest" and q.drop_prob == 0 for _, q in activation_quantizers(quant))
+    assert not any(p.requires_grad for p in quant.parameters())
+
+
+def test_reconstruction_reduces_block_error(tiny_models):
+    _, fp, calibration = tiny_models
+    r = recipe("qdrop", iters=40)
+    before = quantize_model(fp, quant_config(r))
+    module = ReconstructionModule(fp, copy.deepcopy(before), calibration, r)
+    module.finalize()  # round-to-nearest weights, activation quantizers calibrated below by the engine
+    after = reconstruct(fp, copy.deepcopy(before), calibration, r).quant_model
+    with torch.no_grad():
+        target = fp(calibration)
+        error_after = F.mse_loss(after(calibration), target).item()
+    assert error_after < 0.05 * target.pow(2).mean().item()
+
+
+@pytest.mark.parametrize("method", ["brecq", "hdrq"])
+def test_resume_mid_block_equals_uninterrupted_run(tiny_models, tmp_path, method):
+    _, fp, calibration = tiny_models
+    r = recipe(method)
+    initial = quantize_model(fp, quant_config(r))
+    full = reconstruct(fp, copy.deepcopy(initial), calibration, r).quant_model.state_dict()
+
+    # 3 epochs of 5 iterations: killed at iteration 15, inside unit 1 (iterations 12..23) of the first pass
+    interrupted = reconstruct(fp, copy.deepcopy(initial), calibration, r, tmp_path=tmp_path, max_epochs=3)
+    assert interrupted._step == 15 and interrupted.phase.block == 1 and interrupted.phase_iteration == 3
+    resumed = reconstruct(fp, copy.deepcopy(initial), calibration, r, tmp_path=tmp_path,
+                          ckpt_path=str(tmp_path / "last.ckpt")).quant_model.state_dict()
+    assert full.keys() == resumed.keys()
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], atol=0, rtol=0, msg=key)
+
+
+def test_checkpoint_of_another_recipe_is_refused(tiny_models, tmp_path):
+    _, fp, calibration = tiny_models
+    r = recipe("qdrop")
+    reconstruct(fp, quantize_model(fp, quant_config(r)), calibration, r, tmp_path=tmp_path, max_epochs=1)
+    other = recipe("qdrop", iters=13)
+    with pytest.raises(Exception, match="different quant recipe"):
+        reconstruct(fp, quantize_model(fp, quant_config(other)), calibration, other, tmp_path=tmp_path,
+                    ckpt_path=str(tmp_path / "last.ckpt"))
+
+
+@pytest.mark.slow
+def test_w4a4_on_digits_is_close_to_fp_for_every_preset():
+    torch.manual_seed(0)
+    dm = DomainDataModule("digits")
+    model = build_shot_net("resnet_tiny", 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    for _ in range(4):
+        model.train()
+        for images, labels, _ in dm.loader("clean", "train", augment=True, shuffle=True, drop_last=True):
+            loss = F.cross_entropy(model(images), labels, label_smoothing=0.1)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    fp = fold_batch_norm(model.eval())
+    calibration = torch.cat([x for x, _, _ in dm.calibration_loader("clean", size=256)])
+
+    def accuracy(net):
+        with torch.no_grad():
+            hits = sum((net(x).argmax(1) == y).sum().item() for x, y, _ in dm.loader("clean", "test"))
+        return 100.0 * hits / len(dm.dataset("clean", "test"))
+
+    fp_acc = accuracy(fp)
+    assert fp_acc > 80
+    for method in ("brecq", "qdrop", "hdrq"):
+        r = recipe(method, iters=150, act_iters=75, batch_size=32, checkpoint_every=150)
+        quant = reconstruct(fp, quantize_model(fp, quant_config(r)), calibration, r).quant_model
+        assert accuracy(quant) > fp_acc - 5, method
