@@ -48,17 +48,17 @@ def callbacks(r: Recipe, source_state: dict[str, torch.Tensor]) -> list:
 
 def reconstruct(fp, quant, calibration, r, tmp_path=None, max_epochs=None, ckpt_path=None, seed=0):
     module = ReconstructionModule(fp, quant, calibration, r, seed=seed)
-    extra = {}
-    if tmp_path is not None:
-        extra = {"callbacks": [ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_epochs=1,
-                                               save_on_train_epoch_end=True)],
-                 "enable_checkpointing": True, "plugins": [AtomicCheckpointIO()]}
     source = {k: v + 0.01 for k, v in fp.state_dict().items() if k.endswith("weight")}
+    checkpointing = {"enable_checkpointing": False, "plugins": []}
+    extra_callbacks = []
+    if tmp_path is not None:
+        extra_callbacks = [ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_epochs=1,
+                                           save_on_train_epoch_end=True)]
+        checkpointing = {"enable_checkpointing": True, "plugins": [AtomicCheckpointIO()]}
     trainer = L.Trainer(max_epochs=max_epochs or math.ceil(module.total_iters / r.checkpoint_every),
                         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0,
-                        **{"enable_checkpointing": False, **extra},
-                        callbacks=callbacks(r, source) + extra.get("callbacks", []))
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks(r, source) + extra_callbacks,
+                        **checkpointing)
     trainer.fit(module, ckpt_path=ckpt_path)
     return module
 

@@ -168,6 +168,7 @@ class ReconstructionModule(L.LightningModule):
             quantizer.set_mode(act_mode if bool(quantizer.initialized) else "float")
         cache = self._prepare_cache(phase)
         block = self.quant_blocks[phase.block]
+        self._reseed(phase.start, salt=1)  # calibration subsamples activations: same draw on every (re)run
         if _trains_activations(phase.pass_name):
             quantizers = [q for _, q in activation_quantizers(block)]
             if any(not bool(q.initialized) for q in quantizers):
@@ -285,6 +286,10 @@ class ReconstructionModule(L.LightningModule):
         terms = [layer.weight_quantizer.adaround_regularizer(beta) for _, layer in self.current_layers()]
         return recipe.adaround_reg_weight * torch.stack(terms).sum() if terms else None
 
+    def _reseed(self, iteration: int, salt: int = 0) -> None:
+        """Every random draw of the engine is a function of (seed, iteration): resumes replay them exactly."""
+        torch.manual_seed((self.seed * 1_000_003 + iteration) * 2 + salt)
+
     def _world(self) -> tuple[int, int]:
         if self._trainer is None:
             return 1, 0
@@ -311,7 +316,7 @@ class ReconstructionModule(L.LightningModule):
         phase, iteration = self.phase, self.phase_iteration
         if self._entered != phase:
             raise RuntimeError(f"reconstruction phase {phase} was not entered before its first step")
-        torch.manual_seed(self.seed * 1_000_003 + self._step)
+        self._reseed(self._step)
         inputs, target = self._batch(phase)
         output = self.quant_blocks[phase.block](inputs)
         reconstruction = (output - target).pow(2).sum(dim=1).mean()
