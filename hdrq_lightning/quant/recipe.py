@@ -52,6 +52,25 @@ class NoiseRecipe:
 
 
 @dataclass
+class Runtime:
+    """How the engine runs, not what it computes: none of these enter the checkpoint's recipe check."""
+
+    compile: bool = False             # torch.compile each unit's forward (fast path)
+    channels_last: bool = False       # NHWC caches and weights (tensor-core friendly convolutions)
+    tf32: bool = False                # TF32 matmuls/convolutions on Ampere+ GPUs
+    fused_optimizer: bool = True      # fused Adam on CUDA
+    log_every: int = 25               # iterations between logged losses (each log is a device sync)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> Runtime:
+        cfg = dict(cfg or {})
+        known = {f.name for f in fields(cls)}
+        if set(cfg) - known:
+            raise ConfigError(f"unknown keys {sorted(set(cfg) - known)} in quant.runtime; valid: {sorted(known)}.")
+        return cls(**cfg)
+
+
+@dataclass
 class Recipe:
     method: str = "hdrq"
     w_bits: int = 4
@@ -108,7 +127,7 @@ class Recipe:
         cfg = dict(cfg)
         nested = {"weight": WeightRecipe, "activation": ActivationRecipe, "noise": NoiseRecipe}
         known = {f.name for f in fields(cls)}
-        unknown = set(cfg) - known - {"calibration_size", "calibration_batch_size", "seed"}
+        unknown = set(cfg) - known - {"calibration_size", "runtime"}
         if unknown:
             raise ConfigError(f"unknown quant config keys {sorted(unknown)}; valid keys: {sorted(known)}.")
         kwargs: dict[str, Any] = {}

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from hdrq_lightning.errors import ArtifactError
 from hdrq_lightning.quant.blocks import reconstruction_blocks
 from hdrq_lightning.quant.modules import activation_quantizers, calibrate_activations, quant_layers
-from hdrq_lightning.quant.recipe import Recipe
+from hdrq_lightning.quant.recipe import Recipe, Runtime
 
 log = logging.getLogger("hdrq")
 
@@ -70,14 +70,20 @@ class ReconstructionModule(L.LightningModule):
     """Block reconstruction of ``quant_model`` towards ``fp_model`` (both BN-folded, same architecture)."""
 
     def __init__(self, fp_model: nn.Module, quant_model: nn.Module, calibration: torch.Tensor, recipe: Recipe,
-                 seed: int = 0, cache_batch_size: int = 256) -> None:
+                 seed: int = 0, cache_batch_size: int = 256, runtime: Runtime | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.recipe = recipe
+        self.runtime = runtime or Runtime()
+        self._compiled: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
         self.seed = seed
         self.cache_batch_size = cache_batch_size
         self.fp_model = fp_model.eval().requires_grad_(False)
         self.quant_model = quant_model.requires_grad_(False)
+        if self.runtime.channels_last:
+            calibration = calibration.contiguous(memory_format=torch.channels_last)
+            self.fp_model.to(memory_format=torch.channels_last)
+            self.quant_model.to(memory_format=torch.channels_last)
         self.register_buffer("calibration", calibration, persistent=False)
         # The iteration counter lives on the host (no device sync per step); the buffer mirrors it into checkpoints.
         self._step = 0
@@ -266,7 +272,8 @@ class ReconstructionModule(L.LightningModule):
             # the loop uniform.
             groups = [{"params": [self.step_count.new_zeros((), dtype=torch.float32).requires_grad_()],
                        "lr": 0.0, "initial_lr": 0.0, "schedule": "constant", "block": -1, "kind": "none"}]
-        self._optimizer = torch.optim.Adam(groups)
+        fused = self.runtime.fused_optimizer and self.device.type == "cuda"
+        self._optimizer = torch.optim.Adam(groups, fused=fused or None)
         return self._optimizer
 
     def on_train_start(self) -> None:
@@ -285,6 +292,14 @@ class ReconstructionModule(L.LightningModule):
         beta = end + (start - end) * max(0.0, 1.0 - progress)
         terms = [layer.weight_quantizer.adaround_regularizer(beta) for _, layer in self.current_layers()]
         return recipe.adaround_reg_weight * torch.stack(terms).sum() if terms else None
+
+    def _unit(self, block: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The unit's forward: compiled once per unit on the fast path (recompiled when a mode switches)."""
+        if not self.runtime.compile:
+            return self.quant_blocks[block]
+        if block not in self._compiled:
+            self._compiled[block] = torch.compile(self.quant_blocks[block], dynamic=False)
+        return self._compiled[block]
 
     def _reseed(self, iteration: int, salt: int = 0) -> None:
         """Every random draw of the engine is a function of (seed, iteration): resumes replay them exactly."""
@@ -318,7 +333,7 @@ class ReconstructionModule(L.LightningModule):
             raise RuntimeError(f"reconstruction phase {phase} was not entered before its first step")
         self._reseed(self._step)
         inputs, target = self._batch(phase)
-        output = self.quant_blocks[phase.block](inputs)
+        output = self._unit(phase.block)(inputs)
         reconstruction = (output - target).pow(2).sum(dim=1).mean()
         loss = reconstruction
         extra = [self._adaround_penalty(phase, iteration)]
@@ -358,10 +373,11 @@ class ReconstructionModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         if self.finished:
             return None
-        block = self.phase.block
+        block, step = self.phase.block, self._step
         loss, reconstruction = self.reconstruction_step()
-        self.log("quantize/train/reconstruction", reconstruction, prog_bar=True)
-        self.log("quantize/train/block", float(block), prog_bar=True)
+        if step % self.runtime.log_every == 0:
+            self.log("quantize/train/reconstruction", reconstruction, prog_bar=True)
+            self.log("quantize/train/block", float(block), prog_bar=True)
         return loss
 
     def _sync_gradients(self, phase: Phase) -> None:

@@ -13,10 +13,11 @@ from hdrq_lightning.artifacts import require_compatible
 from hdrq_lightning.callbacks import CosineWarmup, DistanceRegularizer, NoiseToFakeQuantSwitch
 from hdrq_lightning.evaluation import accuracy
 from hdrq_lightning.quant.export import export_integer_state, save_integer_state
+from hdrq_lightning.quant.distributed import ManualSyncDDPStrategy
 from hdrq_lightning.quant.fold import fold_batch_norm
 from hdrq_lightning.quant.modules import QuantConfig, quantize_model
 from hdrq_lightning.quant.reconstruction import ReconstructionModule
-from hdrq_lightning.quant.recipe import Recipe
+from hdrq_lightning.quant.recipe import Recipe, Runtime
 from hdrq_lightning.stages.common import (build_datamodule, build_trainer, fingerprints, load_model, log,
                                           quantized_metadata, resume_path, stage_run, start_fresh_if_forced)
 
@@ -59,17 +60,27 @@ def quantize_one(cfg: DictConfig, dm, recipe: Recipe, source_folded: torch.nn.Mo
     quant_model = quantize_model(fp_model, quant_config(recipe))
     calibration = torch.cat([images for images, _, _ in dm.calibration_loader(
         target, size=cfg.quant.calibration_size, batch_size=recipe.batch_size)])
-    module = ReconstructionModule(fp_model, quant_model, calibration, recipe, seed=cfg.seed)
+    runtime = Runtime.from_config(cfg.quant.get("runtime"))
+    if runtime.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    module = ReconstructionModule(fp_model, quant_model, calibration, recipe, seed=cfg.seed, runtime=runtime)
     callbacks = [CosineWarmup(recipe.warmup_fraction)]
     if recipe.noise.enabled:
         callbacks.append(NoiseToFakeQuantSwitch(recipe.noise))
     if recipe.distance_weight > 0:
         source_weights = {k: v for k, v in source_folded.state_dict().items() if k.endswith("weight")}
         callbacks.append(DistanceRegularizer(source_weights, recipe.distance_weight))
+    distributed = {}
+    if str(cfg.trainer.get("strategy", "auto")).startswith("ddp"):
+        # The engine all-reduces the current unit's gradients itself (see quant/distributed.py).
+        distributed["strategy"] = ManualSyncDDPStrategy()
     trainer = build_trainer(cfg, run, "quantize", tags=[recipe.method, f"w{recipe.w_bits}a{recipe.a_bits}", target],
                             callbacks=callbacks, max_epochs=math.ceil(module.total_iters / recipe.checkpoint_every),
-                            num_sanity_val_steps=0, limit_val_batches=0)
+                            num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
+                            **distributed)
     trainer.fit(module, ckpt_path=resume_path(run, f"quantize/{recipe.tag}/{target}"))
+    if trainer.global_rank != 0:
+        return {}
     module.finalize()
     test_loader = dm.loader(target, "test")
     fp_acc = accuracy(fp_model, test_loader, dm.num_classes)
