@@ -3,7 +3,7 @@
     python bench/reconstruction.py --models resnet50 resnet101 --methods brecq qdrop hdrq
 
 For every model, method and path (eager: fp32, no compilation; fast: torch.compile + channels-last + TF32 +
-fused Adam) it drives the engine directly (no Trainer) on each distinct unit type (stem, the first block of
+fused Adam; "compiled": the same without CUDA graphs) it drives the engine directly (no Trainer) on each distinct unit type (stem, the first block of
 every stage, a plain block of every stage, head) with random timm weights, 224 px, batch 32 and 1024 calibration
 images, and reports ms per iteration, the cache + calibration time of the unit, the peak GPU memory, the
 whole-model time extrapolated to 20,000 iterations per unit (BRECQ: + 5,000 activation iterations) and the
@@ -41,7 +41,8 @@ PRESETS = {
 }
 PATHS = {
     "eager": Runtime(compile=False, channels_last=False, tf32=False, fused_optimizer=False),
-    "fast": Runtime(compile=True, channels_last=True, tf32=True, fused_optimizer=True),
+    "compiled": Runtime(compile=True, channels_last=True, tf32=True, fused_optimizer=True),
+    "fast": Runtime(compile=True, cuda_graphs=True, channels_last=True, tf32=True, fused_optimizer=True),
 }
 
 
@@ -158,7 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet50", "resnet101"])
     parser.add_argument("--methods", nargs="+", default=["brecq", "qdrop", "hdrq"])
-    parser.add_argument("--paths", nargs="+", default=["eager", "fast"])
+    parser.add_argument("--paths", nargs="+", default=["eager", "fast"], choices=sorted(PATHS))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--calibration", type=int, default=1024)
     parser.add_argument("--image", type=int, default=224)

@@ -39,7 +39,7 @@ def test_fast_path_matches_eager(device, method):
     calibration = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     eager, eager_losses = drive(fp, copy.deepcopy(quant), calibration, recipe, Runtime(), device, 12)
     fast, fast_losses = drive(fp, copy.deepcopy(quant), calibration, recipe,
-                              Runtime(compile=True, channels_last=True), device, 12)
+                              Runtime(compile=True, cuda_graphs=True, channels_last=True), device, 12)
     assert fast_losses == pytest.approx(eager_losses, rel=1e-3, abs=1e-5)
     eager_state, fast_state = eager.quant_model.state_dict(), fast.quant_model.state_dict()
     for key in eager_state:

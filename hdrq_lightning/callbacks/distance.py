@@ -24,6 +24,9 @@ class DistanceRegularizer(Callback):
     def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
         pl_module.loss_terms["distance"] = self.penalty
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.source_weights = {k: v.to(pl_module.device) for k, v in self.source_weights.items()}
+
     def penalty(self, layers: list[tuple[str, torch.nn.Module]]) -> torch.Tensor | None:
         terms = []
         for name, layer in layers:

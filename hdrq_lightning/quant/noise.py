@@ -36,7 +36,7 @@ def rounding_residual_noise(
     ``searchsorted``) the cost is one gather per element, with no host sync, so it can be graph-captured.
     """
     if distribution == "uniform":
-        return torch.rand_like(x) - 0.5
+        return torch.rand(x.shape, device=x.device, dtype=x.dtype) - 0.5  # logical order: layout-independent
     if distribution != "histogram":
         raise ConfigError(f"Unknown noise distribution {distribution!r}; use one of {NOISE_DISTRIBUTIONS}.")
     residuals = (x - torch.round(x)).float()

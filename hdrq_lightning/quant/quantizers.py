@@ -413,5 +413,6 @@ class ActivationQuantizer(_Quantizer):
                 x, scale, self.zero_point, self.qmin, self.qmax, self._noise_distribution
             )
         if self.training and self.drop_prob > 0:
-            return torch.where(torch.rand_like(x) < self.drop_prob, x, quantized)
+            # torch.rand (not rand_like) draws in logical order, so NCHW and channels-last runs drop alike
+            return torch.where(torch.rand(x.shape, device=x.device) < self.drop_prob, x, quantized)
         return quantized

@@ -55,7 +55,8 @@ class NoiseRecipe:
 class Runtime:
     """How the engine runs, not what it computes: none of these enter the checkpoint's recipe check."""
 
-    compile: bool = False             # torch.compile each unit's forward (fast path)
+    compile: bool = False             # torch.compile each unit's loss (fast path)
+    cuda_graphs: bool = False         # with compile: capture forward and backward in CUDA graphs
     channels_last: bool = False       # NHWC caches and weights (tensor-core friendly convolutions)
     tf32: bool = False                # TF32 matmuls/convolutions on Ampere+ GPUs
     fused_optimizer: bool = True      # fused Adam on CUDA

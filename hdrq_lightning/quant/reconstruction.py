@@ -75,7 +75,7 @@ class ReconstructionModule(L.LightningModule):
         self.automatic_optimization = False
         self.recipe = recipe
         self.runtime = runtime or Runtime()
-        self._compiled: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self._compiled_loss: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
         self.seed = seed
         self.cache_batch_size = cache_batch_size
         self.fp_model = fp_model.eval().requires_grad_(False)
@@ -88,6 +88,8 @@ class ReconstructionModule(L.LightningModule):
         # The iteration counter lives on the host (no device sync per step); the buffer mirrors it into checkpoints.
         self._step = 0
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("adaround_weight", torch.zeros(()), persistent=False)
+        self.register_buffer("adaround_beta", torch.zeros(()), persistent=False)
         self.fp_blocks = [unit for _, unit in reconstruction_blocks(fp_model)]
         named_units = reconstruction_blocks(quant_model)
         self.block_names = [name for name, _ in named_units]
@@ -280,26 +282,46 @@ class ReconstructionModule(L.LightningModule):
         if not self.finished:
             self._enter_phase()
 
-    def _adaround_penalty(self, phase: Phase, iteration: int) -> torch.Tensor | None:
+    def _adaround_schedule(self, phase: Phase, iteration: int) -> tuple[float, float]:
+        """(weight, beta) of the AdaRound regulariser: off for the warmup, then beta decays linearly to its end."""
         recipe = self.recipe
-        if recipe.weight.rounding != "adaround" or not _trains_weights(phase.pass_name):
-            return None
-        warmup = recipe.adaround_warmup * phase.iters
-        if iteration < warmup:
-            return None
         start, end = recipe.adaround_beta
+        warmup = recipe.adaround_warmup * phase.iters
+        if recipe.weight.rounding != "adaround" or not _trains_weights(phase.pass_name) or iteration < warmup:
+            return 0.0, start
         progress = (iteration - warmup) / max(1.0, phase.iters - warmup)
-        beta = end + (start - end) * max(0.0, 1.0 - progress)
-        terms = [layer.weight_quantizer.adaround_regularizer(beta) for _, layer in self.current_layers()]
-        return recipe.adaround_reg_weight * torch.stack(terms).sum() if terms else None
+        return recipe.adaround_reg_weight, end + (start - end) * max(0.0, 1.0 - progress)
 
-    def _unit(self, block: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The unit's forward: compiled once per unit on the fast path (recompiled when a mode switches)."""
+    def _unit_loss(self, block: int, pass_name: str, inputs: torch.Tensor, target: torch.Tensor,
+                   reg_weight: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction error of one unit plus its regularisers (what the fast path compiles)."""
+        output = self.quant_blocks[block](inputs)
+        reconstruction = (output - target).pow(2).sum(dim=1).mean()
+        loss = reconstruction
+        layers = self.block_layers[block]
+        if self.recipe.weight.rounding == "adaround" and _trains_weights(pass_name) and layers:
+            penalty = torch.stack([layer.weight_quantizer.adaround_regularizer(beta) for _, layer in layers]).sum()
+            loss = loss + reg_weight * penalty
+        for term in self.loss_terms.values():
+            extra = term(layers)
+            if extra is not None:
+                loss = loss + extra
+        return loss, reconstruction
+
+    def _loss_fn(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        """Eager ``_unit_loss``, or its compiled form on the fast path (CUDA graphs with runtime.cuda_graphs)."""
         if not self.runtime.compile:
-            return self.quant_blocks[block]
-        if block not in self._compiled:
-            self._compiled[block] = torch.compile(self.quant_blocks[block], dynamic=False)
-        return self._compiled[block]
+            return self._unit_loss
+        if self._compiled_loss is None:
+            # one compiled variant per unit and mode: raise dynamo's per-function recompilation limit
+            import torch._dynamo.config as dynamo_config
+
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(dynamo_config, name):
+                    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 256))
+            mode = "reduce-overhead" if self.runtime.cuda_graphs else None
+            self._compiled_loss = torch.compile(self._unit_loss, mode=mode, dynamic=False)
+        return self._compiled_loss
 
     def _reseed(self, iteration: int, salt: int = 0) -> None:
         """Every random draw of the engine is a function of (seed, iteration): resumes replay them exactly."""
@@ -321,7 +343,8 @@ class ReconstructionModule(L.LightningModule):
         inputs = cache.quant_input[indices]
         p = self.recipe.input_quant_prob if _trains_activations(phase.pass_name) else 1.0
         if p < 1.0:
-            inputs = torch.where(torch.rand_like(inputs) < p, inputs, cache.fp_input[indices])
+            mask = torch.rand(inputs.shape, device=inputs.device) < p  # logical order: layout-independent
+            inputs = torch.where(mask, inputs, cache.fp_input[indices])
         world, rank = self._world()
         local = torch.arange(len(indices), device=indices.device).tensor_split(world)[rank]
         return inputs[local], cache.fp_target[indices[local]]
@@ -333,22 +356,22 @@ class ReconstructionModule(L.LightningModule):
             raise RuntimeError(f"reconstruction phase {phase} was not entered before its first step")
         self._reseed(self._step)
         inputs, target = self._batch(phase)
-        output = self._unit(phase.block)(inputs)
-        reconstruction = (output - target).pow(2).sum(dim=1).mean()
-        loss = reconstruction
-        extra = [self._adaround_penalty(phase, iteration)]
-        extra += [term(self.current_layers()) for term in self.loss_terms.values()]
-        for term in extra:
-            if term is not None:
-                loss = loss + term
+        reg_weight, beta = self._adaround_schedule(phase, iteration)
+        self.adaround_weight.fill_(reg_weight)  # device scalars: a new value is no new graph
+        self.adaround_beta.fill_(beta)
+        if self.runtime.compile and self.runtime.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        loss, reconstruction = self._loss_fn()(phase.block, phase.pass_name, inputs, target,
+                                               self.adaround_weight, self.adaround_beta)
         self._update(loss, phase)
+        loss, reconstruction = loss.detach().clone(), reconstruction.detach().clone()
         self._step += 1
         self.step_count.fill_(self._step)
         if self._step >= phase.start + phase.iters:
             self._finish_phase(phase)
             if not self.finished:
                 self._enter_phase()
-        return loss.detach(), reconstruction.detach()
+        return loss, reconstruction
 
     def _update(self, loss: torch.Tensor, phase: Phase) -> None:
         if self._trainer is None:  # driven directly (benchmarks, notebooks)
