@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hdrq_lightning.models.shot import build_shot_net  # noqa: E402
 from hdrq_lightning.quant.fold import fold_batch_norm  # noqa: E402
 from hdrq_lightning.quant.modules import quantize_model  # noqa: E402
-from hdrq_lightning.quant.reconstruction import ReconstructionModule  # noqa: E402
 from hdrq_lightning.quant.recipe import NoiseRecipe, Recipe, Runtime, WeightRecipe  # noqa: E402
+from hdrq_lightning.quant.reconstruction import ReconstructionModule  # noqa: E402
 from hdrq_lightning.stages.quantize import quant_config  # noqa: E402
 
 PRESETS = {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import sys
 
 import lightning as L
@@ -13,8 +12,8 @@ from hdrq_lightning.models.shot import build_shot_net
 from hdrq_lightning.quant.distributed import ManualSyncDDPStrategy
 from hdrq_lightning.quant.fold import fold_batch_norm
 from hdrq_lightning.quant.modules import quantize_model
-from hdrq_lightning.quant.reconstruction import ReconstructionModule
 from hdrq_lightning.quant.recipe import Recipe
+from hdrq_lightning.quant.reconstruction import ReconstructionModule
 from hdrq_lightning.stages.quantize import quant_config
 
 BRECQ = dict(method="brecq", passes=["weights", "activations"], input_quant_prob=1.0, drop_prob=0.0, iters=6,

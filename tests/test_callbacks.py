@@ -41,7 +41,8 @@ def test_noise_switch_at_paper_iteration_and_scaled():
 def test_distance_regularizer_gradient_is_the_formula():
     g = torch.Generator().manual_seed(0)
     layers = [("a", torch.nn.Linear(4, 3)), ("b", torch.nn.Conv2d(2, 3, 3))]
-    source = {f"{n}.weight": l.weight.detach() + torch.randn(l.weight.shape, generator=g) for n, l in layers}
+    source = {f"{name}.weight": layer.weight.detach() + torch.randn(layer.weight.shape, generator=g)
+              for name, layer in layers}
     reg = DistanceRegularizer(source, weight=0.05)
     penalty = reg.penalty(layers)
     penalty.backward()

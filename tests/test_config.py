@@ -10,11 +10,11 @@ import lightning as L
 import pytest
 from omegaconf import OmegaConf
 
+from hdrq_lightning.artifacts import StageRun
 from hdrq_lightning.errors import HdrqError
 from hdrq_lightning.merge import get_merge_method
 from hdrq_lightning.quant.recipe import Recipe
 from hdrq_lightning.stages.common import build_datamodule, build_loggers, build_model
-from hdrq_lightning.artifacts import StageRun
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 

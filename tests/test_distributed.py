@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 WORKER = str(Path(__file__).with_name("ddp_reconstruction_worker.py"))
@@ -21,7 +20,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_two_process_reconstruction_equals_single_process(tmp_path):
     single = tmp_path / "single.pt"
     subprocess.run([sys.executable, WORKER, "1", str(single)], check=True, timeout=300, capture_output=True)

@@ -10,8 +10,8 @@ import torch
 from hdrq_lightning.models.shot import build_shot_net
 from hdrq_lightning.quant.fold import fold_batch_norm
 from hdrq_lightning.quant.modules import quantize_model
-from hdrq_lightning.quant.reconstruction import ReconstructionModule
 from hdrq_lightning.quant.recipe import NoiseRecipe, Recipe, Runtime, WeightRecipe
+from hdrq_lightning.quant.reconstruction import ReconstructionModule
 from hdrq_lightning.stages.quantize import quant_config
 
 DEVICES = [pytest.param("cpu", marks=pytest.mark.slow),

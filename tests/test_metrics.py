@@ -129,7 +129,7 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
         dist.destroy_process_group()
 
 
-@pytest.mark.slow  # spawning two interpreters that import torchmetrics takes ~10 s
+# spawning two interpreters that import torchmetrics takes ~10 s
 def test_metrics_synchronise_across_two_processes(tmp_path: Path) -> None:
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     logits, target, domain = _classification_data(0)

@@ -18,8 +18,8 @@ from hdrq_lightning.models.shot import build_shot_net
 from hdrq_lightning.quant.blocks import reconstruction_blocks
 from hdrq_lightning.quant.fold import fold_batch_norm
 from hdrq_lightning.quant.modules import activation_quantizers, quant_layers, quantize_model
-from hdrq_lightning.quant.reconstruction import ReconstructionModule
 from hdrq_lightning.quant.recipe import NoiseRecipe, Recipe, WeightRecipe
+from hdrq_lightning.quant.reconstruction import ReconstructionModule
 from hdrq_lightning.stages.quantize import quant_config
 
 PRESETS = {

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TINY
 
 from hdrq_lightning.artifacts import StageRun, load_weights, read_json
 from hdrq_lightning.errors import ArtifactError
@@ -20,8 +21,6 @@ from hdrq_lightning.stages.evaluate import evaluate_run
 from hdrq_lightning.stages.merge import run_merge
 from hdrq_lightning.stages.quantize import run_quantize
 from hdrq_lightning.stages.source import run_source
-
-from tiny import TINY
 
 
 def test_source_adapt_quantize_merge_evaluate(compose_cfg, tmp_path):

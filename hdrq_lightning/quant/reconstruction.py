@@ -212,12 +212,12 @@ class ReconstructionModule(L.LightningModule):
             layers = self.block_layers[block_index]
             candidates: list[tuple[str, list[torch.Tensor], float, str]] = []
             if recipe.weight.rounding == "adaround":
-                candidates.append(("weight", [l.weight_quantizer.alpha for _, l in layers], recipe.weight.lr,
+                candidates.append(("weight", [layer.weight_quantizer.alpha for _, layer in layers], recipe.weight.lr,
                                    recipe.weight.schedule))
             elif recipe.weight.rounding == "latent":
-                candidates.append(("weight", [l.weight for _, l in layers], recipe.weight.lr, recipe.weight.schedule))
+                candidates.append(("weight", [layer.weight for _, layer in layers], recipe.weight.lr, recipe.weight.schedule))
                 if recipe.weight.learn_scale:
-                    candidates.append(("weight_scale", [l.weight_quantizer.scale for _, l in layers],
+                    candidates.append(("weight_scale", [layer.weight_quantizer.scale for _, layer in layers],
                                        recipe.weight.scale_lr, recipe.weight.schedule))
             if recipe.activation.learn_scale:
                 candidates.append(("activation_scale", [q.scale for _, q in activation_quantizers(block)],

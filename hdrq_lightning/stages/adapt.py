@@ -8,8 +8,16 @@ from omegaconf import DictConfig
 from hdrq_lightning.adapt.shot_module import ShotModule
 from hdrq_lightning.artifacts import require_compatible, save_weights
 from hdrq_lightning.evaluation import accuracy
-from hdrq_lightning.stages.common import (build_datamodule, build_trainer, fingerprints, load_model, log,
-                                          resume_path, stage_run, start_fresh_if_forced)
+from hdrq_lightning.stages.common import (
+    build_datamodule,
+    build_trainer,
+    fingerprints,
+    load_model,
+    log,
+    resume_path,
+    stage_run,
+    start_fresh_if_forced,
+)
 
 
 def run_adapt(cfg: DictConfig) -> dict:

@@ -7,8 +7,15 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from hdrq_lightning.analysis import (error_barrier, filter_normalized_direction, interpolate_states, loss_surface,
-                                     plot_barrier_curves, plot_loss_surface, plot_sample_distribution)
+from hdrq_lightning.analysis import (
+    error_barrier,
+    filter_normalized_direction,
+    interpolate_states,
+    loss_surface,
+    plot_barrier_curves,
+    plot_loss_surface,
+    plot_sample_distribution,
+)
 from hdrq_lightning.artifacts import require_compatible, write_json
 from hdrq_lightning.errors import ConfigError
 from hdrq_lightning.evaluation import default_device
@@ -18,8 +25,15 @@ from hdrq_lightning.quant.export import load_integer_file, load_integer_state
 from hdrq_lightning.quant.fold import fold_batch_norm
 from hdrq_lightning.quant.modules import quant_layers, set_quant_mode
 from hdrq_lightning.quant.recipe import Recipe
-from hdrq_lightning.stages.common import (build_datamodule, fingerprints, load_model, load_model_file, log,
-                                          stage_run, start_fresh_if_forced)
+from hdrq_lightning.stages.common import (
+    build_datamodule,
+    fingerprints,
+    load_model,
+    load_model_file,
+    log,
+    stage_run,
+    start_fresh_if_forced,
+)
 from hdrq_lightning.stages.quantize import QUANTIZED_FILE
 
 

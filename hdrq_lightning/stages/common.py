@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.errors import InstantiationException
 import lightning as L
+from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf
@@ -88,6 +88,15 @@ def build_loggers(cfg: DictConfig, run: StageRun, job_type: str, tags: Sequence[
     return loggers
 
 
+class FinishWandbRun(Callback):
+    """Close this stage's W&B run when its Trainer is done, so the next stage in the process opens its own."""
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for logger in trainer.loggers:
+            if logger.__class__.__name__ == "WandbLogger" and trainer.is_global_zero:
+                logger.experiment.finish()
+
+
 def build_trainer(cfg: DictConfig, run: StageRun, job_type: str, tags: Sequence[str] = (),
                   checkpoint: ModelCheckpoint | None = None, callbacks: Sequence[Callback] = (),
                   **overrides: Any) -> L.Trainer:
@@ -97,6 +106,8 @@ def build_trainer(cfg: DictConfig, run: StageRun, job_type: str, tags: Sequence[
     checkpoint = checkpoint or ModelCheckpoint(dirpath=run.checkpoint_dir, save_last=True, save_top_k=0,
                                                every_n_epochs=1, save_on_train_epoch_end=True)
     all_callbacks: list[Callback] = [checkpoint, *callbacks]
+    if cfg.logger.get("wandb"):
+        all_callbacks.append(FinishWandbRun())
     if kwargs.get("enable_progress_bar", True):
         all_callbacks.append(RichProgressBar())
     return L.Trainer(default_root_dir=str(run.dir), logger=build_loggers(cfg, run, job_type, tags),

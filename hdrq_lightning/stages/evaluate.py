@@ -11,8 +11,15 @@ from torch import nn
 from hdrq_lightning.errors import ConfigError
 from hdrq_lightning.evaluation import default_device
 from hdrq_lightning.metrics import MultiDomainAccuracy
-from hdrq_lightning.stages.common import (build_datamodule, fingerprints, load_model_file, log, model_file,
-                                          stage_run, start_fresh_if_forced)
+from hdrq_lightning.stages.common import (
+    build_datamodule,
+    fingerprints,
+    load_model_file,
+    log,
+    model_file,
+    stage_run,
+    start_fresh_if_forced,
+)
 
 
 @torch.no_grad()

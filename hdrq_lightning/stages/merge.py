@@ -10,8 +10,14 @@ from hdrq_lightning.merge import get_merge_method
 from hdrq_lightning.quant.export import load_integer_file, save_integer_state
 from hdrq_lightning.quant.fold import fold_batch_norm
 from hdrq_lightning.quant.recipe import Recipe
-from hdrq_lightning.stages.common import (build_datamodule, fingerprints, load_model, log, stage_run,
-                                          start_fresh_if_forced)
+from hdrq_lightning.stages.common import (
+    build_datamodule,
+    fingerprints,
+    load_model,
+    log,
+    stage_run,
+    start_fresh_if_forced,
+)
 from hdrq_lightning.stages.quantize import QUANTIZED_FILE
 
 MERGED_FILE = "merged.safetensors"

@@ -15,7 +15,7 @@ from hdrq_lightning.errors import ConfigError
 from hdrq_lightning.report import log_summary_to_wandb, write_summary
 from hdrq_lightning.stages.adapt import run_adapt
 from hdrq_lightning.stages.analyze import run_analyze
-from hdrq_lightning.stages.common import log, stage_run
+from hdrq_lightning.stages.common import stage_run
 from hdrq_lightning.stages.evaluate import evaluate_run
 from hdrq_lightning.stages.merge import merge_key, run_merge
 from hdrq_lightning.stages.quantize import run_quantize

@@ -12,14 +12,23 @@ from omegaconf import DictConfig
 from hdrq_lightning.artifacts import require_compatible
 from hdrq_lightning.callbacks import CosineWarmup, DistanceRegularizer, NoiseToFakeQuantSwitch
 from hdrq_lightning.evaluation import accuracy
-from hdrq_lightning.quant.export import export_integer_state, save_integer_state
 from hdrq_lightning.quant.distributed import ManualSyncDDPStrategy
+from hdrq_lightning.quant.export import export_integer_state, save_integer_state
 from hdrq_lightning.quant.fold import fold_batch_norm
 from hdrq_lightning.quant.modules import QuantConfig, quantize_model
-from hdrq_lightning.quant.reconstruction import ReconstructionModule
 from hdrq_lightning.quant.recipe import Recipe, Runtime
-from hdrq_lightning.stages.common import (build_datamodule, build_trainer, fingerprints, load_model, log,
-                                          quantized_metadata, resume_path, stage_run, start_fresh_if_forced)
+from hdrq_lightning.quant.reconstruction import ReconstructionModule
+from hdrq_lightning.stages.common import (
+    build_datamodule,
+    build_trainer,
+    fingerprints,
+    load_model,
+    log,
+    quantized_metadata,
+    resume_path,
+    stage_run,
+    start_fresh_if_forced,
+)
 
 QUANTIZED_FILE = "quantized.safetensors"
 # Layers of the SHOT head whose output feeds another quantized layer without a ReLU in between.

@@ -10,8 +10,16 @@ from omegaconf import DictConfig
 from hdrq_lightning.adapt.source_module import SourceModule
 from hdrq_lightning.artifacts import save_weights
 from hdrq_lightning.evaluation import accuracy
-from hdrq_lightning.stages.common import (build_datamodule, build_model, build_trainer, fingerprints, log,
-                                          resume_path, stage_run, start_fresh_if_forced)
+from hdrq_lightning.stages.common import (
+    build_datamodule,
+    build_model,
+    build_trainer,
+    fingerprints,
+    log,
+    resume_path,
+    stage_run,
+    start_fresh_if_forced,
+)
 
 
 def run_source(cfg: DictConfig) -> dict:
