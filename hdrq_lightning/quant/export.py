@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from hdrq_lightning.artifacts import save_weights
 from hdrq_lightning.errors import ArtifactError
 from hdrq_lightning.quant.modules import activation_quantizers, quant_layers, weight_quantizers
 from hdrq_lightning.quant.quantizers import WeightQuantizer, integer_range
@@ -166,15 +166,7 @@ def save_integer_state(
     state: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
     """Write ``state`` as safetensors atomically (temporary file, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tensors = {key: value.detach().to("cpu", copy=True).contiguous() for key, value in state.items()}
-    try:
-        save_file(tensors, str(temporary), metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    save_weights(state, path, metadata)
 
 
 def load_integer_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:

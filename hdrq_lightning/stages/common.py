@@ -33,8 +33,8 @@ _DATA_IDENTITY_KEYS = ("name", "source", "seed", "image_size", "resize_size", "v
 
 
 def stage_run(cfg: DictConfig, stage: str, *keys: str) -> StageRun:
-    return StageRun(Path(cfg.paths.runs_dir) / cfg.name / stage / Path(*keys) if keys else
-                    Path(cfg.paths.runs_dir) / cfg.name / stage)
+    """``<runs_dir>/<experiment>/<stage>/<keys...>``: stable, so a re-run or a requeued job finds its work."""
+    return StageRun(Path(cfg.paths.runs_dir, cfg.name, stage, *keys))
 
 
 def fingerprints(cfg: DictConfig) -> dict[str, str]:
