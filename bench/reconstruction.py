@@ -6,7 +6,8 @@ For every model, method and path (eager: fp32, no compilation; fast: torch.compi
 fused Adam; "compiled": the same without CUDA graphs) it drives the engine directly (no Trainer) on each distinct unit type (stem, the first block of
 every stage, a plain block of every stage, head) with random timm weights, 224 px, batch 32 and 1024 calibration
 images, and reports ms per iteration, the cache + calibration time of the unit, the peak GPU memory, the
-whole-model time extrapolated to 20,000 iterations per unit (BRECQ: + 5,000 activation iterations) and the
+whole-model time extrapolated to 20,000 iterations per unit (BRECQ: + 5,000 activation iterations; HDRQ timed
+in its noise phase, the slower one) and the
 arithmetic floor: the unit's forward+backward FLOPs over the GPU's measured matmul throughput.
 Writes <out>/reconstruction.json and <out>/reconstruction.md.
 """
@@ -111,6 +112,8 @@ def bench_model(args: argparse.Namespace, model_name: str, method: str, path: st
         synchronize(args.device)
         started = time.perf_counter()
         module._enter_phase()
+        if recipe.noise.enabled:  # what NoiseToFakeQuantSwitch does for the first 82.5% of the iterations
+            module.set_block_modes(weight="noise", activation="noise")
         synchronize(args.device)
         enter_seconds = time.perf_counter() - started
         flops = unit_flops(module)

@@ -22,7 +22,7 @@ from hdrq_lightning.stages.quantize import run_quantize
 from hdrq_lightning.stages.source import run_source
 
 # Overrides the pipeline sets itself for each variant.
-_OWN_KEYS = re.compile(r"^[~+]*(quant|merge|stage)(=|\.w_bits=|\.a_bits=)")
+_OWN_KEYS = re.compile(r"^[~+]*(quant|merge|stage)(=|\.w_bits=|\.a_bits=|\.method=)")
 
 
 def parse_bits(label: str) -> tuple[int, int]:
