@@ -147,6 +147,14 @@ class _Quantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         self._mode, self._noise_distribution, self._initialized = mode, NOISE_DISTRIBUTIONS[0], False
 
+    def _register_step(self, learn_scale: bool) -> None:
+        """The step (a Parameter when learned, else a buffer) and the zero point, both scalars until initialised."""
+        if learn_scale:
+            self.scale = nn.Parameter(torch.tensor(1.0))
+        else:
+            self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0.0))
+
     @property
     def mode(self) -> str:
         """ "float" (bypass), "nearest" (round, straight-through), "adaround" (weights only) or "noise"."""
@@ -250,12 +258,7 @@ class WeightQuantizer(_Quantizer):
         super().__init__(bits, symmetric, mode="nearest")
         self.per_channel, self.channel_axis, self.learn_scale = per_channel, channel_axis, learn_scale
         self.qmin, self.qmax = integer_range(bits, signed=symmetric)
-        scale = torch.tensor(1.0)
-        if learn_scale:
-            self.scale = nn.Parameter(scale)
-        else:
-            self.register_buffer("scale", scale)
-        self.register_buffer("zero_point", torch.tensor(0.0))
+        self._register_step(learn_scale)
         self.register_parameter("alpha", None)
         self.register_buffer("hard_codes", None)
 
@@ -373,12 +376,7 @@ class ActivationQuantizer(_Quantizer):
         self.drop_prob: float = 0.0
         self.register_buffer("signed", torch.tensor(False))
         self.qmin, self.qmax = integer_range(bits, signed=False)
-        scale = torch.tensor(1.0)
-        if learn_scale:
-            self.scale = nn.Parameter(scale)
-        else:
-            self.register_buffer("scale", scale)
-        self.register_buffer("zero_point", torch.tensor(0.0))
+        self._register_step(learn_scale)
 
     def set_range(self, scale: Tensor, zero_point: Tensor, signed: bool) -> None:
         """Install a scalar step, integer-valued zero point and grid signedness; marks it initialised."""
