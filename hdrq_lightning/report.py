@@ -65,18 +65,31 @@ def write_summary(out_dir: Path, summary: dict[str, Any], barrier_curves: dict[s
     return plots
 
 
-def log_summary_to_wandb(cfg: DictConfig, out_dir: Path, summary: dict[str, Any], images: list[Path]) -> None:
-    """One W&B run (job_type=pipeline) with the summary table and the plots, grouped with the stages' runs."""
+def wandb_run(cfg: DictConfig, run_dir: Path, job_type: str, name: str, tags: list[str]):
+    """A W&B run for a stage without a Trainer (evaluate, pipeline summary), or None when W&B is off.
+
+    Grouped by experiment like the Trainer stages; the id kept in the run dir, so a re-run continues it.
+    """
     if not cfg.logger.get("wandb"):
-        return
+        return None
     import wandb
 
     from hdrq_lightning.artifacts import StageRun
 
-    run = wandb.init(project=cfg.logger.project, entity=cfg.logger.get("entity"), group=cfg.name,
-                     job_type="pipeline", name="pipeline/summary", id=StageRun(out_dir).wandb_id(), resume="allow",
-                     dir=str(out_dir), mode="online" if cfg.logger.mode == "online" else "offline",
-                     tags=["summary", *cfg.pipeline.methods])
+    return wandb.init(project=cfg.logger.project, entity=cfg.logger.get("entity"), group=cfg.name,
+                      job_type=job_type, name=name, id=StageRun(run_dir).wandb_id(), resume="allow",
+                      dir=str(run_dir), mode="online" if cfg.logger.mode == "online" else "offline", tags=tags,
+                      config={"quant": {"method": cfg.quant.method, "w_bits": cfg.quant.w_bits,
+                                        "a_bits": cfg.quant.a_bits}, "merge": cfg.merge.method})
+
+
+def log_summary_to_wandb(cfg: DictConfig, out_dir: Path, summary: dict[str, Any], images: list[Path]) -> None:
+    """One W&B run (job_type=pipeline) with the summary table and the plots, grouped with the stages' runs."""
+    run = wandb_run(cfg, out_dir, "pipeline", "pipeline/summary", ["summary", *cfg.pipeline.methods])
+    if run is None:
+        return
+    import wandb
+
     domains = summary["targets"]
     table = wandb.Table(columns=["method", "w_bits", "a_bits", "merged_hmean", *[f"merged_{d}" for d in domains],
                                  *[f"expert_{d}" for d in domains]])

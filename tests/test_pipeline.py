@@ -35,6 +35,7 @@ def test_pipeline_writes_summary_of_the_documented_shape(tmp_path, monkeypatch):
     # W&B: offline runs on disk, grouped by experiment (a run per stage, plus the summary run)
     assert list((out / "quantize" / "hdrq_w3a3" / "negative").rglob("offline-run-*"))
     assert list(out.glob("wandb/offline-run-*"))
+    assert list((out / "evaluate" / "merge" / "hdrq_w3a3").rglob("offline-run-*"))
 
     # a second run reuses every finished stage and rewrites the same summary
     main(["pipeline", *TINY, "pipeline.methods=[qdrop,hdrq]", "pipeline.bits=[W3A3]"])

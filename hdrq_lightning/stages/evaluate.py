@@ -11,6 +11,7 @@ from torch import nn
 from hdrq_lightning.errors import ConfigError
 from hdrq_lightning.evaluation import default_device
 from hdrq_lightning.metrics import MultiDomainAccuracy
+from hdrq_lightning.report import wandb_run
 from hdrq_lightning.stages.common import (
     build_datamodule,
     fingerprints,
@@ -54,4 +55,9 @@ def evaluate_run(cfg: DictConfig, *parts: str) -> dict:
     run.prepare(cfg)
     result = evaluate_domains(model, dm, list(dm.targets))
     log.info("evaluate %s: %s, harmonic mean %.2f%%", "/".join(parts), result["per_domain"], result["hmean"])
+    wandb = wandb_run(cfg, run.dir, "evaluate", "evaluate/" + "/".join(parts), ["evaluate", *parts])
+    if wandb is not None:
+        wandb.log({"evaluate/test/hmean": result["hmean"],
+                   **{f"evaluate/test/acc_{d}": a for d, a in result["per_domain"].items()}})
+        wandb.finish()
     return run.finish({"stage": "evaluate", "model": str(weights), "fingerprints": fingerprints(cfg), **result})
