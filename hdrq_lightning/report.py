@@ -53,9 +53,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 def write_summary(out_dir: Path, summary: dict[str, Any], barrier_curves: dict[str, BarrierCurve]) -> list[Path]:
     write_json(out_dir / "summary.json", summary)
     write_text(out_dir / "summary.md", summary_markdown(summary))
-    rows = [{"method": "FP", "bits": f"W{r['w_bits']}A{r['a_bits']}", "hmean": summary["fp"]["merged"]["hmean"]}
-            for r in summary["results"]]
-    rows = list({row["bits"]: row for row in rows}.values())
+    bit_labels = dict.fromkeys(f"W{r['w_bits']}A{r['a_bits']}" for r in summary["results"])
+    rows = [{"method": "FP", "bits": bits, "hmean": summary["fp"]["merged"]["hmean"]} for bits in bit_labels]
     rows += [{"method": r["method"], "bits": f"W{r['w_bits']}A{r['a_bits']}", "hmean": r["merged"]["hmean"]}
              for r in summary["results"]]
     plots = [plot_method_comparison(rows, out_dir / "comparison.png",

@@ -99,7 +99,7 @@ def test_every_preset_runs_and_ends_on_the_grid(tiny_models, method):
     r = recipe(method)
     quant = quantize_model(fp, quant_config(r))
     module = reconstruct(fp, quant, calibration, r)
-    assert int(module.step_count) == module._step == module.total_iters == sum(p.iters for p in module.plan)
+    assert module.iteration == module.total_iters == sum(p.iters for p in module.plan)
     for _, layer in quant_layers(quant):
         q = layer.weight_quantizer
         assert q.mode == "nearest"
@@ -131,7 +131,7 @@ def test_resume_mid_block_equals_uninterrupted_run(tiny_models, tmp_path, method
 
     # 3 epochs of 5 iterations: killed at iteration 15, inside unit 1 (iterations 12..23) of the first pass
     interrupted = reconstruct(fp, copy.deepcopy(initial), calibration, r, tmp_path=tmp_path, max_epochs=3)
-    assert interrupted._step == 15 and interrupted.phase.block == 1 and interrupted.phase_iteration == 3
+    assert interrupted.iteration == 15 and interrupted.phase.block == 1 and interrupted.phase_iteration == 3
     resumed = reconstruct(fp, copy.deepcopy(initial), calibration, r, tmp_path=tmp_path,
                           ckpt_path=str(tmp_path / "last.ckpt")).quant_model.state_dict()
     assert full.keys() == resumed.keys()

@@ -175,6 +175,8 @@ class _Quantizer(nn.Module):
                 f"{type(self).__name__} has no range yet; call init_range (or calibrate_activations) before "
                 f"setting mode {mode!r}."
             )
+        if mode == self._mode:  # callers may set the mode every step: no device write when nothing changes
+            return
         self._mode = mode
         self.mode_code.fill_(MODES.index(mode))
 

@@ -85,9 +85,8 @@ class ReconstructionModule(L.LightningModule):
             self.fp_model.to(memory_format=torch.channels_last)
             self.quant_model.to(memory_format=torch.channels_last)
         self.register_buffer("calibration", calibration, persistent=False)
-        # The iteration counter lives on the host (no device sync per step); the buffer mirrors it into checkpoints.
+        # The iteration counter lives on the host (no device sync or write per step); checkpoints carry it.
         self._step = 0
-        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("adaround_weight", torch.zeros(()), persistent=False)
         self.register_buffer("adaround_beta", torch.zeros(()), persistent=False)
         self.fp_blocks = [unit for _, unit in reconstruction_blocks(fp_model)]
@@ -109,6 +108,11 @@ class ReconstructionModule(L.LightningModule):
     def _layers_per_block(self) -> list[list[tuple[str, nn.Module]]]:
         names = {id(module): name for name, module in quant_layers(self.quant_model)}
         return [[(names[id(m)], m) for m in block.modules() if id(m) in names] for block in self.quant_blocks]
+
+    @property
+    def iteration(self) -> int:
+        """Global engine iteration (over all units and passes)."""
+        return self._step
 
     @property
     def finished(self) -> bool:
@@ -272,7 +276,7 @@ class ReconstructionModule(L.LightningModule):
         if not groups:
             # Nothing learnable (e.g. round-to-nearest weights, fixed activation steps): a placeholder keeps
             # the loop uniform.
-            groups = [{"params": [self.step_count.new_zeros((), dtype=torch.float32).requires_grad_()],
+            groups = [{"params": [torch.zeros((), device=self.device, requires_grad=True)],
                        "lr": 0.0, "initial_lr": 0.0, "schedule": "constant", "block": -1, "kind": "none"}]
         fused = self.runtime.fused_optimizer and self.device.type == "cuda"
         self._optimizer = torch.optim.Adam(groups, fused=fused or None)
@@ -366,7 +370,6 @@ class ReconstructionModule(L.LightningModule):
         self._update(loss, phase)
         loss, reconstruction = loss.detach().clone(), reconstruction.detach().clone()
         self._step += 1
-        self.step_count.fill_(self._step)
         if self._step >= phase.start + phase.iters:
             self._finish_phase(phase)
             if not self.finished:

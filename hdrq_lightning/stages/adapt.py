@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 from hdrq_lightning.adapt.shot_module import ShotModule
 from hdrq_lightning.artifacts import require_compatible, save_weights
-from hdrq_lightning.evaluation import accuracy
+from hdrq_lightning.evaluation import domain_accuracy
 from hdrq_lightning.stages.common import (
     build_datamodule,
     build_trainer,
@@ -37,8 +37,7 @@ def adapt_one(cfg: DictConfig, dm, source_weights, target: str) -> dict:
     run.prepare(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = load_model(cfg, dm.num_classes, source_weights)
-    test_loader = dm.loader(target, "test")
-    source_only = accuracy(model, test_loader, dm.num_classes)
+    source_only = domain_accuracy(model, dm, target)
     hp = cfg.adapt
     module = ShotModule(model, dm.num_classes, pseudo_label_loader=dm.loader(target, "train"), lr=hp.lr,
                         backbone_lr_mult=hp.backbone_lr_mult, momentum=hp.momentum, weight_decay=hp.weight_decay,
@@ -48,7 +47,7 @@ def adapt_one(cfg: DictConfig, dm, source_weights, target: str) -> dict:
     dm.configure(fit=(target, "train"), evaluate=[(target, "test")])
     trainer = build_trainer(cfg, run, "adapt", tags=["adapt", hp.method, target], max_epochs=hp.epochs)
     trainer.fit(module, datamodule=dm, ckpt_path=resume_path(run, f"adapt/{target}"))
-    adapted = accuracy(model, test_loader, dm.num_classes)
+    adapted = domain_accuracy(model, dm, target)
     save_weights(model.state_dict(), run.weights_path, {"format": "fp", "stage": "adapt", "domain": target})
     log.info("adapt %s -> %s: source-only %.2f%%, adapted %.2f%%", dm.source, target, source_only, adapted)
     return run.finish({"stage": "adapt", "method": hp.method, "source": dm.source, "target": target,

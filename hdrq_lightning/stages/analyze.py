@@ -95,8 +95,8 @@ def run_analyze(cfg: DictConfig) -> dict:
     torch.manual_seed(cfg.seed)
 
     # Eq. 2: FP experts (BN-folded) interpolated in weight space.
-    fp_states = [fold_batch_norm(load_model(cfg, dm.num_classes, r.weights_path)).state_dict() for r in adapt_runs]
-    fp_model = fold_batch_norm(load_model(cfg, dm.num_classes, adapt_runs[0].weights_path))
+    fp_model, other = (fold_batch_norm(load_model(cfg, dm.num_classes, r.weights_path)) for r in adapt_runs)
+    fp_states = [{k: v.clone() for k, v in fp_model.state_dict().items()}, other.state_dict()]
 
     def fp_at(lam: float) -> tuple[float, float]:
         fp_model.load_state_dict(interpolate_states(fp_states[0], fp_states[1], lam))

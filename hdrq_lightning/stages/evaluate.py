@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
-from torch import nn
 
 from hdrq_lightning.errors import ConfigError
-from hdrq_lightning.evaluation import default_device
-from hdrq_lightning.metrics import MultiDomainAccuracy
+from hdrq_lightning.evaluation import evaluate_domains
 from hdrq_lightning.report import wandb_run
 from hdrq_lightning.stages.common import (
     build_datamodule,
@@ -21,20 +18,6 @@ from hdrq_lightning.stages.common import (
     stage_run,
     start_fresh_if_forced,
 )
-
-
-@torch.no_grad()
-def evaluate_domains(model: nn.Module, dm, domains: list[str], device: torch.device | None = None) -> dict:
-    """{"per_domain": {domain: acc %}, "hmean": %, "mean": %} on each domain's test split."""
-    device = device or default_device()
-    model.eval().to(device)
-    metric = MultiDomainAccuracy(domains).to(device)
-    for index, domain in enumerate(domains):
-        for images, labels, _ in dm.loader(domain, "test"):
-            metric.update(model(images.to(device)), labels.to(device), index)
-    result = metric.compute()
-    return {"per_domain": {d: round(float(a), 4) for d, a in zip(domains, result["per_domain"])},
-            "hmean": round(float(result["hmean"]), 4), "mean": round(float(result["mean"]), 4)}
 
 
 def run_evaluate(cfg: DictConfig) -> dict:

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from hdrq_lightning.artifacts import require_compatible
 from hdrq_lightning.callbacks import CosineWarmup, DistanceRegularizer, NoiseToFakeQuantSwitch
-from hdrq_lightning.evaluation import accuracy
+from hdrq_lightning.evaluation import domain_accuracy
 from hdrq_lightning.quant.distributed import ManualSyncDDPStrategy
 from hdrq_lightning.quant.export import export_integer_state, save_integer_state
 from hdrq_lightning.quant.fold import fold_batch_norm
@@ -91,9 +91,8 @@ def quantize_one(cfg: DictConfig, dm, recipe: Recipe, source_folded: torch.nn.Mo
     if trainer.global_rank != 0:
         return {}
     module.finalize()
-    test_loader = dm.loader(target, "test")
-    fp_acc = accuracy(fp_model, test_loader, dm.num_classes)
-    quant_acc = accuracy(quant_model, test_loader, dm.num_classes)
+    fp_acc = domain_accuracy(fp_model, dm, target)
+    quant_acc = domain_accuracy(quant_model, dm, target)
     save_integer_state(export_integer_state(quant_model.cpu()), run.dir / QUANTIZED_FILE,
                        metadata=quantized_metadata(quant_config(recipe), method=recipe.method, target=target))
     seconds = round(time.perf_counter() - started, 2)

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from hdrq_lightning.adapt.source_module import SourceModule
 from hdrq_lightning.artifacts import save_weights
-from hdrq_lightning.evaluation import accuracy
+from hdrq_lightning.evaluation import evaluate_domains
 from hdrq_lightning.stages.common import (
     build_datamodule,
     build_model,
@@ -46,7 +46,7 @@ def run_source(cfg: DictConfig) -> dict:
     metrics = {
         "stage": "source", "domain": dm.source, "fingerprints": fingerprints(cfg),
         "best_val_acc": round(100.0 * float(best.best_model_score), 4),
-        "test_acc": {d: accuracy(model, dm.loader(d, "test"), dm.num_classes) for d in (dm.source, *dm.targets)},
+        "test_acc": evaluate_domains(model, dm, [dm.source, *dm.targets])["per_domain"],
     }
     log.info("source %s: test accuracy %s", dm.source, metrics["test_acc"])
     return run.finish(metrics)
