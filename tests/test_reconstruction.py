@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 
 from hdrq_lightning.artifacts import AtomicCheckpointIO
 from hdrq_lightning.callbacks import CosineWarmup, DistanceRegularizer, NoiseToFakeQuantSwitch
@@ -25,6 +25,7 @@ from hdrq_lightning.quant.modules import (
 )
 from hdrq_lightning.quant.recipe import NoiseRecipe, Recipe, WeightRecipe
 from hdrq_lightning.quant.reconstruction import ReconstructionModule
+from hdrq_lightning.stages.common import epoch_checkpoint
 from hdrq_lightning.stages.quantize import quant_config
 
 PRESETS = {
@@ -51,15 +52,27 @@ def callbacks(r: Recipe, source_state: dict[str, torch.Tensor]) -> list:
     return found
 
 
-def reconstruct(fp, quant, calibration, r, tmp_path=None, max_epochs=None, ckpt_path=None, seed=0):
+class KillAtEpoch(Callback):
+    """Dies like a killed job: an exception in the middle of fit, no chance to write anything more."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("killed")
+
+
+def reconstruct(fp, quant, calibration, r, tmp_path=None, max_epochs=None, ckpt_path=None, seed=0, kill_at=None):
     module = ReconstructionModule(fp, quant, calibration, r, seed=seed)
     source = {k: v + 0.01 for k, v in fp.state_dict().items() if k.endswith("weight")}
     checkpointing = {"enable_checkpointing": False, "plugins": []}
     extra_callbacks = []
     if tmp_path is not None:
-        extra_callbacks = [ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_epochs=1,
-                                           save_on_train_epoch_end=True)]
+        extra_callbacks = [epoch_checkpoint(tmp_path)]
         checkpointing = {"enable_checkpointing": True, "plugins": [AtomicCheckpointIO()]}
+    if kill_at is not None:
+        extra_callbacks.append(KillAtEpoch(kill_at))
     trainer = L.Trainer(max_epochs=max_epochs or math.ceil(module.total_iters / r.checkpoint_every),
                         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks(r, source) + extra_callbacks,
@@ -129,9 +142,11 @@ def test_resume_mid_block_equals_uninterrupted_run(tiny_models, tmp_path, method
     initial = quantize_model(fp, quant_config(r))
     full = reconstruct(fp, copy.deepcopy(initial), calibration, r).quant_model.state_dict()
 
-    # 3 epochs of 5 iterations: killed at iteration 15, inside unit 1 (iterations 12..23) of the first pass
-    interrupted = reconstruct(fp, copy.deepcopy(initial), calibration, r, tmp_path=tmp_path, max_epochs=3)
-    assert interrupted.iteration == 15 and interrupted.phase.block == 1 and interrupted.phase_iteration == 3
+    # killed after 3 epochs of 5 iterations: iteration 15, inside unit 1 (iterations 12..23) of the first pass;
+    # only the checkpoints written during training exist
+    with pytest.raises(RuntimeError, match="killed"):
+        reconstruct(fp, copy.deepcopy(initial), calibration, r, tmp_path=tmp_path, kill_at=3)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["reconstruction"]["step_count"] == 15
     resumed = reconstruct(fp, copy.deepcopy(initial), calibration, r, tmp_path=tmp_path,
                           ckpt_path=str(tmp_path / "last.ckpt")).quant_model.state_dict()
     assert full.keys() == resumed.keys()

@@ -88,6 +88,16 @@ def build_loggers(cfg: DictConfig, run: StageRun, job_type: str, tags: Sequence[
     return loggers
 
 
+def epoch_checkpoint(dirpath: Path | str) -> ModelCheckpoint:
+    """``last.ckpt`` rewritten at the end of every epoch (every ``checkpoint_every`` engine iterations).
+
+    Not ``save_top_k=0, save_last=True``: with nothing in the top k, Lightning writes ``last.ckpt`` only when
+    training ends, so a killed run would have nothing to resume from.
+    """
+    return ModelCheckpoint(dirpath=dirpath, filename="last", save_top_k=1, save_last=False, every_n_epochs=1,
+                           save_on_train_epoch_end=True, enable_version_counter=False)
+
+
 class FinishWandbRun(Callback):
     """Close this stage's W&B run when its Trainer is done, so the next stage in the process opens its own."""
 
@@ -103,8 +113,7 @@ def build_trainer(cfg: DictConfig, run: StageRun, job_type: str, tags: Sequence[
     """A Trainer writing checkpoints (atomically) into ``run.checkpoint_dir`` and logs into the run dir."""
     kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.update(overrides)
-    checkpoint = checkpoint or ModelCheckpoint(dirpath=run.checkpoint_dir, save_last=True, save_top_k=0,
-                                               every_n_epochs=1, save_on_train_epoch_end=True)
+    checkpoint = checkpoint or epoch_checkpoint(run.checkpoint_dir)
     all_callbacks: list[Callback] = [checkpoint, *callbacks]
     if cfg.logger.get("wandb"):
         all_callbacks.append(FinishWandbRun())
