@@ -2,14 +2,18 @@
 
     python bench/reconstruction.py --models resnet50 resnet101 --methods brecq qdrop hdrq
 
-For every model, method and path (eager: fp32, no compilation; fast: torch.compile + channels-last + TF32 +
-fused Adam; "compiled": the same without CUDA graphs) it drives the engine directly (no Trainer) on each distinct unit type (stem, the first block of
-every stage, a plain block of every stage, head) with random timm weights, 224 px, batch 32 and 1024 calibration
-images, and reports ms per iteration, the cache + calibration time of the unit, the peak GPU memory, the
-whole-model time extrapolated to 20,000 iterations per unit (BRECQ: + 5,000 activation iterations; HDRQ timed
-in its noise phase, the slower one) and the
-arithmetic floor: the unit's forward+backward FLOPs over the GPU's measured matmul throughput.
-Writes <out>/reconstruction.json and <out>/reconstruction.md.
+For every model, method and path it drives the engine directly (no Trainer, but with the lr-schedule and
+noise-switch step hooks) on each distinct unit type (stem, the first block of every stage, a plain block of
+every stage, head) with random timm weights, 224 px, batch 32 and 1024 calibration images. Paths:
+  eager      fp32, no compilation, no graphs, unfused Adam (what the reference code does)
+  graphs     the whole step captured in one CUDA graph (eager kernels), channels-last, TF32, fused Adam
+  fast       graphs + Inductor-compiled unit loss (fused quantizer kernels)
+  fast_bf16  fast + bfloat16 autocast of the convolutions
+It reports ms per iteration (HDRQ: in its noise mode and in its final fake-quant mode), the cache + calibration
+time of the unit, the time of the first steps (compilation and capture), the peak GPU memory, the whole-model
+time extrapolated to 20,000 iterations per unit (BRECQ: + 5,000 activation iterations; HDRQ: 16,500 noise +
+3,500 fake-quant) and the arithmetic floor: the unit's forward+backward FLOPs over the GPU's measured matmul
+throughput. Writes <out>/reconstruction.json and <out>/reconstruction.md.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from hdrq_lightning.callbacks import CosineWarmup, NoiseToFakeQuantSwitch  # noqa: E402
 from hdrq_lightning.models.shot import build_shot_net  # noqa: E402
 from hdrq_lightning.quant.fold import fold_batch_norm  # noqa: E402
 from hdrq_lightning.quant.modules import quantize_model  # noqa: E402
@@ -42,8 +47,10 @@ PRESETS = {
 }
 PATHS = {
     "eager": Runtime(compile=False, channels_last=False, tf32=False, fused_optimizer=False),
-    "compiled": Runtime(compile=True, channels_last=True, tf32=True, fused_optimizer=True),
+    "graphs": Runtime(cuda_graphs=True, channels_last=True, tf32=True, fused_optimizer=True),
     "fast": Runtime(compile=True, cuda_graphs=True, channels_last=True, tf32=True, fused_optimizer=True),
+    "fast_bf16": Runtime(compile=True, cuda_graphs=True, channels_last=True, tf32=True, bf16=True,
+                         fused_optimizer=True),
 }
 
 
@@ -102,59 +109,79 @@ def bench_model(args: argparse.Namespace, model_name: str, method: str, path: st
         kind = unit_type(name, position)
         counts[kind] += 1
         first_unit.setdefault(kind, index)
+    CosineWarmup(recipe.warmup_fraction).attach(module)
+    NoiseToFakeQuantSwitch(recipe.noise).attach(module)
+    modes = ["noise", "nearest"] if recipe.noise.enabled else ["nearest"]
     rows = {}
     for kind, block in first_unit.items():
         phase = next(p for p in module.plan if p.block == block)
-        module._step = phase.start
-        module._cache = None
-        if args.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        synchronize(args.device)
-        started = time.perf_counter()
-        module._enter_phase()
-        if recipe.noise.enabled:  # what NoiseToFakeQuantSwitch does for the first 82.5% of the iterations
-            module.set_block_modes(weight="noise", activation="noise")
-        synchronize(args.device)
-        enter_seconds = time.perf_counter() - started
-        flops = unit_flops(module)
-        for _ in range(args.warmup):
-            module.reconstruction_step()
-        synchronize(args.device)
-        started = time.perf_counter()
-        for _ in range(args.iters):
-            module.reconstruction_step()
-        synchronize(args.device)
-        ms = 1000 * (time.perf_counter() - started) / args.iters
-        rows[kind] = {"units": counts[kind], "ms_per_iter": round(ms, 3), "enter_s": round(enter_seconds, 2),
-                      "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if args.device == "cuda" else None,
-                      "gflop_per_iter": round(flops / 1e9, 2),
-                      "floor_ms": round(flops / (floor_tflops * 1e12) * 1000, 3)}
-        print(f"{model_name} {method} {path} {kind}: {rows[kind]}", flush=True)
-    passes = 2 if method == "brecq" else 1
+        for mode in modes:
+            switch = recipe.noise.switch_iteration(phase.iters) if mode == "nearest" and recipe.noise.enabled else 0
+            module._step = phase.start + switch
+            module._cache = None
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            synchronize(args.device)
+            started = time.perf_counter()
+            module._enter_phase()
+            synchronize(args.device)
+            enter_seconds = time.perf_counter() - started
+            flops = unit_flops(module)
+            started = time.perf_counter()
+            for _ in range(args.warmup):
+                module.reconstruction_step()
+            synchronize(args.device)
+            first_seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            for _ in range(args.iters):
+                module.reconstruction_step()
+            synchronize(args.device)
+            ms = 1000 * (time.perf_counter() - started) / args.iters
+            row = {"units": counts[kind], "ms_per_iter": round(ms, 3), "enter_s": round(enter_seconds, 2),
+                   "first_steps_s": round(first_seconds, 2),
+                   "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if args.device == "cuda" else None,
+                   "gflop_per_iter": round(flops / 1e9, 2),
+                   "floor_ms": round(flops / (floor_tflops * 1e12) * 1000, 3)}
+            rows[kind if mode == "nearest" else f"{kind}:noise"] = row
+            print(f"{model_name} {method} {path} {kind} {mode}: {row}", flush=True)
     iters = {"joint": 20000, "weights": 20000, "activations": 5000}
-    total_iter_s = sum(r["units"] * r["ms_per_iter"] / 1000 * sum(iters[p] for p in recipe.passes) for r in rows.values())
-    total_enter_s = sum(r["units"] * r["enter_s"] for r in rows.values()) * passes
-    floor_s = sum(r["units"] * r["floor_ms"] / 1000 * sum(iters[p] for p in recipe.passes) for r in rows.values())
+    noise_iters = recipe.noise.switch_iteration(20000) if recipe.noise.enabled else 0
+    total_iter_s = floor_s = overhead_s = 0.0
+    for kind, row in rows.items():
+        if kind.endswith(":noise"):
+            n = noise_iters
+        else:
+            n = sum(iters[p] for p in recipe.passes) - noise_iters
+        total_iter_s += row["units"] * row["ms_per_iter"] / 1000 * n
+        floor_s += row["units"] * row["floor_ms"] / 1000 * n
+        # every unit (and pass, and HDRQ mode) builds its cache and compiles/captures its step once
+        overhead_s += row["units"] * (row["enter_s"] + row["first_steps_s"]) * (2 if method == "brecq" else 1)
     return {"model": model_name, "method": method, "path": path, "units": rows,
-            "extrapolated_minutes": round((total_iter_s + total_enter_s) / 60, 1),
+            "extrapolated_minutes": round((total_iter_s + overhead_s) / 60, 1),
+            "overhead_minutes": round(overhead_s / 60, 1),
             "floor_minutes": round(floor_s / 60, 1), "peak_gib": max((r["peak_gib"] or 0) for r in rows.values())}
 
 
 def markdown(results: list[dict], device: str, throughput: dict) -> str:
     lines = [f"Device: {device}; measured matmul throughput: " +
              ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in throughput.items()), "",
-             "| model | method | path | ms/iter per unit type | whole model, 20k it/unit (min) | floor (min) | peak GiB |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | method | path | ms/iter per unit type | whole model, 20k it/unit (min) | of which caching + "
+             "first steps (min) | floor (min) | peak GiB |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         per_unit = ", ".join(f"{k} {v['ms_per_iter']:.2f}" for k, v in r["units"].items())
         lines.append(f"| {r['model']} | {r['method']} | {r['path']} | {per_unit} | {r['extrapolated_minutes']} | "
-                     f"{r['floor_minutes']} | {r['peak_gib']} |")
+                     f"{r['overhead_minutes']} | {r['floor_minutes']} | {r['peak_gib']} |")
     by_key = {(r["model"], r["method"], r["path"]): r for r in results}
-    lines += ["", "| model | method | eager / fast (whole model) |", "|---|---|---|"]
+    lines += ["", "| model | method | path | eager / path, per iteration (mean over unit types) | whole model |",
+              "|---|---|---|---|---|"]
     for (model, method, path), r in by_key.items():
-        if path == "fast" and (model, method, "eager") in by_key:
-            eager = by_key[(model, method, "eager")]
-            lines.append(f"| {model} | {method} | {eager['extrapolated_minutes'] / r['extrapolated_minutes']:.2f}x |")
+        eager = by_key.get((model, method, "eager"))
+        if path != "eager" and eager is not None:
+            ratios = [eager["units"][k]["ms_per_iter"] / v["ms_per_iter"] for k, v in r["units"].items()
+                      if k in eager["units"]]
+            lines.append(f"| {model} | {method} | {path} | {sum(ratios) / len(ratios):.2f}x | "
+                         f"{eager['extrapolated_minutes'] / r['extrapolated_minutes']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -184,7 +211,8 @@ def main() -> None:
     for model_name in args.models:
         for method in args.methods:
             for path in args.paths:
-                floor = throughput["tf32"] if PATHS[path].tf32 else throughput["fp32"]
+                runtime = PATHS[path]
+                floor = throughput["bf16" if runtime.bf16 else "tf32" if runtime.tf32 else "fp32"]
                 results.append(bench_model(args, model_name, method, path, floor))
                 if args.device == "cuda":
                     torch.cuda.empty_cache()

@@ -52,6 +52,9 @@ def config_dir() -> Path:
 
 
 def run_stage(cfg: DictConfig):
+    from hdrq_lightning.gpus import place_job
+
+    place_job(cfg)  # parallel sweeps on one machine: one GPU per worker process
     module, function, _ = STAGES[cfg.stage]
     return getattr(importlib.import_module(module), function)(cfg)
 

@@ -1,53 +1,116 @@
-"""The fast path (torch.compile, channels-last) computes what the eager path computes."""
+"""The fast path (Inductor, whole-step CUDA graphs, channels-last, host-resident caches) computes what the eager
+path computes."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
+from hdrq_lightning.callbacks import CosineWarmup, NoiseToFakeQuantSwitch
 from hdrq_lightning.models.shot import build_shot_net
 from hdrq_lightning.quant.fold import fold_batch_norm
 from hdrq_lightning.quant.modules import quantize_model
-from hdrq_lightning.quant.recipe import NoiseRecipe, Recipe, Runtime, WeightRecipe
+from hdrq_lightning.quant.recipe import ActivationRecipe, NoiseRecipe, Recipe, Runtime, WeightRecipe
 from hdrq_lightning.quant.reconstruction import ReconstructionModule
 from hdrq_lightning.stages.quantize import quant_config
 
-DEVICES = [pytest.param("cpu", marks=pytest.mark.slow),
-           pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                           reason="needs a CUDA device")])]
+CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+DEVICES = [pytest.param("cpu", marks=pytest.mark.slow), pytest.param("cuda", marks=CUDA)]
+
+
+def hdrq_recipe(noise: bool, iters: int = 8) -> Recipe:
+    return Recipe(method="hdrq", iters=iters, batch_size=8, distance_weight=0.0, noise=NoiseRecipe(enabled=noise),
+                  weight=WeightRecipe(rounding="latent", symmetric=True, learn_scale=True, lr=1e-4,
+                                      schedule="warmup_cosine"))
 
 
 def drive(fp, quant, calibration, recipe, runtime, device, steps):
     module = ReconstructionModule(fp, quant, calibration, recipe, runtime=runtime).to(device)
+    CosineWarmup(recipe.warmup_fraction).attach(module)
+    NoiseToFakeQuantSwitch(recipe.noise).attach(module)
     module.start()
     losses = [module.reconstruction_step()[0].item() for _ in range(steps)]
     return module, losses
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("method", ["qdrop", "hdrq"])
-def test_fast_path_matches_eager(device, method):
+def compare(recipe, runtime, device, steps=20, tolerance=1e-3, state_atol=1e-4, reference=None):
     torch.manual_seed(0)
     fp = fold_batch_norm(build_shot_net("resnet_tiny", 10).eval())
-    extra = {} if method == "qdrop" else dict(
-        noise=NoiseRecipe(enabled=False), distance_weight=0.0,
-        weight=WeightRecipe(rounding="latent", symmetric=True, learn_scale=True, lr=1e-4))
-    recipe = Recipe(method=method, iters=8, batch_size=8, **extra)
     quant = quantize_model(fp, quant_config(recipe))
     calibration = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    eager, eager_losses = drive(fp, copy.deepcopy(quant), calibration, recipe, Runtime(), device, 12)
-    # channels-last is compared on the CPU; on the GPU cuDNN would pick other convolution algorithms for it,
-    # whose last-bit differences flip rounding decisions of the quantizers.
-    fast, fast_losses = drive(fp, copy.deepcopy(quant), calibration, recipe,
-                              Runtime(compile=True, cuda_graphs=True, channels_last=device == "cpu"), device, 12)
-    tolerance = 1e-3 if device == "cpu" else 1e-2
-    assert fast_losses == pytest.approx(eager_losses, rel=tolerance, abs=1e-5)
-    eager_state, fast_state = eager.quant_model.state_dict(), fast.quant_model.state_dict()
+    expected, expected_losses = drive(fp, copy.deepcopy(quant), calibration, recipe, reference or Runtime(), device,
+                                      steps)
+    fast, fast_losses = drive(fp, copy.deepcopy(quant), calibration, recipe, runtime, device, steps)
+    assert fast_losses == pytest.approx(expected_losses, rel=tolerance, abs=1e-5)
+    eager_state, fast_state = expected.quant_model.state_dict(), fast.quant_model.state_dict()
     for key in eager_state:
         a, b = eager_state[key].float(), fast_state[key].float()
-        close = torch.isclose(b, a, atol=1e-4 if device == "cpu" else 1e-3, rtol=tolerance)
+        close = torch.isclose(b, a, atol=state_atol, rtol=tolerance)
         # weights snapped to their grid may round the other way where float error moved them across a
         # rounding boundary: allow a few such elements, never a systematic difference
         assert close.float().mean() > 0.995, key
+    return fast
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["qdrop", "hdrq"])
+def test_compiled_path_matches_eager(device, method):
+    """Inductor draws its own random numbers (masks, noise), so the step-by-step comparison switches them off;
+    the random parts are compared through the captured eager kernels below and the digits accuracy."""
+    deterministic = dict(input_quant_prob=1.0, drop_prob=0.0)
+    recipe = Recipe(method=method, iters=8, batch_size=8, **deterministic) if method == "qdrop" else \
+        dataclasses.replace(hdrq_recipe(noise=False), **deterministic)
+    # channels-last is compared on the CPU; on the GPU cuDNN would pick other convolution algorithms for it,
+    # whose last-bit differences flip rounding decisions of the quantizers.
+    runtime = Runtime(compile=True, cuda_graphs=True, channels_last=device == "cpu")
+    # on the GPU Inductor's fused arithmetic flips a few roundings of HDRQ's latent weights, which then train
+    # apart a little: a few percent on a step's loss, no systematic difference in the state
+    compare(recipe, runtime, device, steps=12, tolerance=1e-3 if device == "cpu" else 5e-2,
+            state_atol=1e-4 if device == "cpu" else 1e-3)
+
+
+@pytest.mark.parametrize("noise", [False, True], ids=["fakequant", "noise"])
+@pytest.mark.parametrize("method", ["brecq", "qdrop", "hdrq"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captured_step_matches_eager_step(method, noise):
+    """The whole-step graph computes the eager step, across unit changes and HDRQ's mode switch (21 steps of
+    8-iteration units: into the third unit, replaying). With noise, last-bit differences of the Adam update
+    (its lr is a device tensor in the graph) move residuals across histogram bins, hence the looser tolerance;
+    test_graph_replays_draw_the_eager_random_numbers checks the random draws themselves."""
+    if method != "hdrq" and noise:
+        pytest.skip("noise is HDRQ's")
+    recipe = {"brecq": Recipe(method="brecq", passes=["weights", "activations"], input_quant_prob=1.0,
+                              drop_prob=0.0, iters=8, act_iters=4, batch_size=8),
+              "qdrop": Recipe(method="qdrop", iters=8, batch_size=8),
+              "hdrq": hdrq_recipe(noise)}[method]
+    module = compare(recipe, Runtime(cuda_graphs=True, graph_warmup=1), "cuda", steps=21,
+                     tolerance=1e-2 if noise else 1e-4, state_atol=1e-3 if noise else 1e-5)
+    assert module._graph is not None and module._graph.graph is not None  # really replaying
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graph_replays_draw_the_eager_random_numbers():
+    """With every learning rate 0 nothing moves, so a loss differs only if a mask, a noise sample or a batch
+    index does: replays reseeded per step reproduce the eager draws exactly."""
+    recipe = dataclasses.replace(hdrq_recipe(noise=True, iters=16),
+                                 weight=WeightRecipe(rounding="latent", symmetric=True, learn_scale=True, lr=0.0,
+                                                     scale_lr=0.0),
+                                 activation=ActivationRecipe(lr=0.0))
+    module = compare(recipe, Runtime(cuda_graphs=True, graph_warmup=1), "cuda", steps=12, tolerance=1e-6,
+                     state_atol=0.0)
+    assert module._graph.graph is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_host_resident_cache_in_graphs_matches_device_cache():
+    """Rows gathered on the host and copied into the graph's static inputs give the device-cache run."""
+    recipe = Recipe(method="qdrop", iters=8, batch_size=8)
+    module = compare(recipe, Runtime(cuda_graphs=True, cache_device="host"), "cuda", steps=20, tolerance=1e-6,
+                     state_atol=1e-6, reference=Runtime(cuda_graphs=True))
+    assert module._cache.host_names

@@ -8,7 +8,7 @@ import torch
 from scipy import stats
 
 from hdrq_lightning.errors import ConfigError
-from hdrq_lightning.quant.noise import rounding_residual_noise
+from hdrq_lightning.quant.noise import residual_histogram, rounding_residual_noise
 from hdrq_lightning.quant.quantizers import ActivationQuantizer, WeightQuantizer
 
 torch.set_num_threads(1)
@@ -280,3 +280,16 @@ def test_uncalibrated_activation_refuses_quantized_mode() -> None:
         ActivationQuantizer(4).set_mode("nearest")
     with pytest.raises(ConfigError):
         WeightQuantizer(4).set_mode("adaround")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_residual_histogram_counts_like_histc_with_many_exact_zeros(masked: bool) -> None:
+    """Zeros are counted apart (fast on GPUs); the counts are torch.histc's on the masked residuals."""
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(10_000)) * 3.7  # a ReLU output on the grid scale: half exact zeros
+    x[:50] = torch.round(x[:50])  # and some other on-grid values
+    mask = torch.rand(x.shape) < 0.7 if masked else torch.ones_like(x, dtype=torch.bool)
+    residuals = (x - torch.round(x))[mask]
+    expected = torch.histc(residuals, 256, -0.5, 0.5)
+    assert expected[128] > 1000  # the hot bin really is hot
+    torch.testing.assert_close(residual_histogram(x, 256, mask if masked else None), expected, rtol=0, atol=0)

@@ -22,12 +22,18 @@ class NoiseToFakeQuantSwitch(Callback):
     def phase_mode(self, iteration: int, iters: int) -> str:
         return "noise" if iteration < self.noise.switch_iteration(iters) else "nearest"
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if not self.noise.enabled or pl_module.finished:
-            return
-        mode = self.phase_mode(pl_module.phase_iteration, pl_module.phase.iters)
-        pl_module.set_block_modes(weight=mode if self.noise.weights else None,
-                                  activation=mode if self.noise.activations else None)
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        self.attach(pl_module)
+
+    def attach(self, engine: Any) -> None:
+        """Run before every engine iteration (also when the engine is driven without a Trainer)."""
+        if self.noise.enabled:
+            engine.step_hooks["noise_switch"] = self.before_step
+
+    def before_step(self, engine: Any) -> None:
+        mode = self.phase_mode(engine.phase_iteration, engine.phase.iters)
+        engine.set_block_modes(weight=mode if self.noise.weights else None,
+                               activation=mode if self.noise.activations else None)
 
     def state_dict(self) -> dict[str, Any]:
         return {"fakequant_iters": self.noise.fakequant_iters, "reference_iters": self.noise.reference_iters}

@@ -41,19 +41,24 @@ def schedule_factor(schedule: str, iteration: int, total: int, warmup_fraction: 
 
 
 class CosineWarmup(Callback):
-    """Sets each param group's lr from its ``schedule`` before every reconstruction step."""
+    """Sets each param group's lr from its ``schedule`` before every reconstruction step (an engine step hook)."""
 
     def __init__(self, warmup_fraction: float = 0.2) -> None:
         self.warmup_fraction = warmup_fraction
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if pl_module.finished:
-            return
-        phase = pl_module.phase
-        iteration, total = pl_module.phase_iteration, phase.iters
-        for group in pl_module.active_groups(phase):
-            group["lr"] = group["initial_lr"] * schedule_factor(
-                group.get("schedule", "constant"), iteration, total, self.warmup_fraction)
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        self.attach(pl_module)
+
+    def attach(self, engine: Any) -> None:
+        """Run before every engine iteration (also when the engine is driven without a Trainer)."""
+        engine.step_hooks["lr"] = self.before_step
+
+    def before_step(self, engine: Any) -> None:
+        phase = engine.phase
+        iteration, total = engine.phase_iteration, phase.iters
+        for group in engine.active_groups(phase):
+            engine.set_lr(group, group["initial_lr"] * schedule_factor(
+                group.get("schedule", "constant"), iteration, total, self.warmup_fraction))
 
     def state_dict(self) -> dict[str, Any]:
         return {"warmup_fraction": self.warmup_fraction}

@@ -20,6 +20,24 @@ _QUANTILE_SLOTS = 1 << 16
 
 
 @torch.no_grad()
+def residual_histogram(x: Tensor, bins: int = 256, mask: Tensor | None = None) -> Tensor:
+    """``bins``-bin histogram over [-1/2, 1/2] of ``x - round(x)`` where ``mask`` (all elements when None).
+
+    Exact zeros (every element on the grid: after a ReLU, half of a tensor) are counted by a reduction and
+    added to the bin of 0 afterwards: ``torch.histc``'s atomic increments serialise on one hot bin (10x slower
+    on a ReLU output on an H100). The counts are those of ``torch.histc`` on the masked residuals.
+    """
+    residuals = (x - torch.round(x)).float()
+    counted = residuals != 0 if mask is None else mask & (residuals != 0)
+    # histc has no weights: send the elements not counted outside [-1/2, 1/2], where histc ignores them.
+    counts = torch.histc(torch.where(counted, residuals, torch.full_like(residuals, 2.0)), bins=bins, min=-0.5,
+                         max=0.5)
+    zeros = (residuals == 0) if mask is None else mask & (residuals == 0)
+    counts[bins // 2] += zeros.sum(dtype=counts.dtype)  # histc's bin of 0: floor((0 - min) * bins / (max - min))
+    return counts
+
+
+@torch.no_grad()
 def rounding_residual_noise(
     x: Tensor, distribution: str = "histogram", bins: int = 256, mask: Tensor | None = None
 ) -> Tensor:
@@ -39,14 +57,7 @@ def rounding_residual_noise(
         return torch.rand(x.shape, device=x.device, dtype=x.dtype) - 0.5  # logical order: layout-independent
     if distribution != "histogram":
         raise ConfigError(f"Unknown noise distribution {distribution!r}; use one of {NOISE_DISTRIBUTIONS}.")
-    residuals = (x - torch.round(x)).float()
-    if mask is None:
-        counts = torch.histc(residuals, bins=bins, min=-0.5, max=0.5)
-    else:
-        # histc has no weights: send the masked-out elements outside [-1/2, 1/2], where histc ignores them.
-        counts = torch.histc(
-            torch.where(mask, residuals, torch.full_like(residuals, 2.0)), bins=bins, min=-0.5, max=0.5
-        )
+    counts = residual_histogram(x, bins, mask)
     cumulative = torch.cumsum(counts + _EMPTY_BIN_WEIGHT, dim=0)
     quantiles = (torch.arange(_QUANTILE_SLOTS, device=x.device, dtype=torch.float32) + 0.5) / _QUANTILE_SLOTS
     table = torch.searchsorted(cumulative / cumulative[-1], quantiles, right=True).clamp_(max=bins - 1)

@@ -406,13 +406,15 @@ class ActivationQuantizer(_Quantizer):
         if not self._initialized:
             raise ConfigError("ActivationQuantizer is not calibrated; run calibrate_activations first.")
         scale = _ScaleGradient.apply(self.effective_scale(), 1.0 / math.sqrt(x.numel() * self.qmax))
+        # Grid arithmetic in float32 also under bf16 autocast (bf16 cannot tell 8-bit codes apart above 128).
+        x32 = x.float()
         if self._mode == "nearest":
-            quantized = fake_quantize_nearest(x, scale, self.zero_point, self.qmin, self.qmax)
+            quantized = fake_quantize_nearest(x32, scale, self.zero_point, self.qmin, self.qmax)
         else:
             quantized = fake_quantize_noise(
-                x, scale, self.zero_point, self.qmin, self.qmax, self._noise_distribution
+                x32, scale, self.zero_point, self.qmin, self.qmax, self._noise_distribution
             )
         if self.training and self.drop_prob > 0:
             # torch.rand (not rand_like) draws in logical order, so NCHW and channels-last runs drop alike
-            return torch.where(torch.rand(x.shape, device=x.device) < self.drop_prob, x, quantized)
-        return quantized
+            quantized = torch.where(torch.rand(x.shape, device=x.device) < self.drop_prob, x32, quantized)
+        return quantized.to(x.dtype)

@@ -55,12 +55,27 @@ class NoiseRecipe:
 class Runtime:
     """How the engine runs, not what it computes: none of these enter the checkpoint's recipe check."""
 
-    compile: bool = False             # torch.compile each unit's loss (fast path)
-    cuda_graphs: bool = False         # with compile: capture forward and backward in CUDA graphs
+    compile: bool = False             # torch.compile (Inductor) each unit's loss: fused quantizer kernels
+    cuda_graphs: bool = False         # capture the whole step (batch, loss, backward, Adam) in one CUDA graph
+    graph_warmup: int = 3             # eager steps of each unit and mode before its graph is captured
     channels_last: bool = False       # NHWC caches and weights (tensor-core friendly convolutions)
     tf32: bool = False                # TF32 matmuls/convolutions on Ampere+ GPUs
+    bf16: bool = False                # bfloat16 autocast of the unit's convolutions (quantizers stay fp32)
     fused_optimizer: bool = True      # fused Adam on CUDA
+    steps_per_batch: int = 1          # engine iterations per Lightning batch (amortises the loop's overhead)
+    cache_device: str = "auto"        # unit caches: auto (GPU within the budget, else pinned host) | device | host
+    cache_budget_gib: float | None = None  # GPU memory the caches may use; null: 60% of the free memory
     log_every: int = 25               # iterations between logged losses (each log is a device sync)
+
+    def __post_init__(self) -> None:
+        from hdrq_lightning.quant.cache import check_cache_device
+
+        check_cache_device(self.cache_device)
+        for name in ("steps_per_batch", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"quant.runtime.{name} must be a positive integer.")
+        if self.graph_warmup < 1:
+            raise ConfigError("quant.runtime.graph_warmup must be at least 1 (optimizer state is created eagerly).")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> Runtime:

@@ -6,13 +6,21 @@ minimises the unit's output error by manual optimization. When a unit is done it
 next unit's quantized inputs (carried forward, never re-running the prefix). All loop state (iteration, quantizer
 parameters, the current optimizer) lives in the checkpoint, and each step reseeds the RNG from (seed, iteration),
 so a run killed mid-block resumes at the same block and iteration and ends with the same result.
+
+Fast path (``quant.runtime``): ``compile`` fuses each unit's loss with Inductor; ``cuda_graphs`` captures the whole
+step of a unit (batch gather, mixing and masks, forward, loss, backward, gradient all-reduce, fused Adam with its
+learning rate in a device tensor) in one CUDA graph per unit and quantization mode, so a step costs one graph
+launch. The schedules run on the host before each step (``step_hooks``) and write device scalars in place; the
+RNG is reseeded per step before the replay, and graph replays read the generator's seed and offset, so eager and
+graph steps draw the same random numbers.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -21,8 +29,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from hdrq_lightning.errors import ArtifactError
+from hdrq_lightning.errors import ArtifactError, ConfigError
 from hdrq_lightning.quant.blocks import reconstruction_blocks
+from hdrq_lightning.quant.cache import UnitCache, allocate, cache_budget_bytes
 from hdrq_lightning.quant.modules import activation_quantizers, calibrate_activations, quant_layers
 from hdrq_lightning.quant.recipe import Recipe, Runtime
 
@@ -50,12 +59,16 @@ def build_plan(recipe: Recipe, num_blocks: int) -> list[Phase]:
 
 
 @dataclass
-class _BlockCache:
-    pass_name: str
-    block: int
-    fp_input: torch.Tensor
-    quant_input: torch.Tensor
-    fp_target: torch.Tensor
+class _StepGraph:
+    """The captured step of one unit in one set of quantization modes, with its static inputs and outputs."""
+
+    key: tuple[int, int]
+    indices: torch.Tensor
+    warm_steps: int = 0
+    graph: torch.cuda.CUDAGraph | None = None
+    static: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
 
 
 def _trains_weights(pass_name: str) -> bool:
@@ -97,9 +110,20 @@ class ReconstructionModule(L.LightningModule):
         self.plan = build_plan(recipe, len(self.quant_blocks))
         self.total_iters = sum(phase.iters for phase in self.plan)
         self.loss_terms: dict[str, Callable[[list[tuple[str, nn.Module]]], torch.Tensor | None]] = {}
+        # Called before every engine iteration (lr schedule, noise switch), whatever drives the loop.
+        self.step_hooks: dict[str, Callable[[ReconstructionModule], None]] = {}
         self._optimizer: torch.optim.Optimizer | None = None
-        self._cache: _BlockCache | None = None
+        self._cache: UnitCache | None = None
         self._entered: Phase | None = None
+        self._phase_index = 0
+        self._active: list[dict[str, Any]] = []
+        self._applied_modes: tuple[str | None, str | None] | None = None
+        self._mode_version = 0
+        self._scalars: dict[str, float] = {}
+        self._graph: _StepGraph | None = None
+        if self.recipe.checkpoint_every % self.runtime.steps_per_batch:
+            raise ConfigError(f"quant.checkpoint_every ({recipe.checkpoint_every}) must be a multiple of "
+                              f"quant.runtime.steps_per_batch ({self.runtime.steps_per_batch}).")
         if recipe.weight.rounding == "adaround":
             for _, layer in quant_layers(self.quant_model):
                 layer.weight_quantizer.init_adaround(layer.weight.detach())
@@ -121,7 +145,11 @@ class ReconstructionModule(L.LightningModule):
     @property
     def phase(self) -> Phase:
         step = min(self._step, self.total_iters - 1)
-        return next(p for p in reversed(self.plan) if p.start <= step)
+        phase = self.plan[self._phase_index]
+        if not phase.start <= step < phase.start + phase.iters:  # moved on, or jumped (resume, benchmarks)
+            self._phase_index = next(i for i in reversed(range(len(self.plan))) if self.plan[i].start <= step)
+            phase = self.plan[self._phase_index]
+        return phase
 
     @property
     def phase_iteration(self) -> int:
@@ -131,7 +159,11 @@ class ReconstructionModule(L.LightningModule):
         return self.block_layers[self.phase.block]
 
     def set_block_modes(self, weight: str | None = None, activation: str | None = None) -> None:
-        """Quantization modes of the current unit (the noise switch calls this)."""
+        """Quantization modes of the current unit (the noise switch calls this; a repeat is free)."""
+        if self._applied_modes == (weight, activation):
+            return
+        self._applied_modes = (weight, activation)
+        self._mode_version += 1  # a new set of modes is a new CUDA graph
         block = self.quant_blocks[self.phase.block]
         if weight is not None and _trains_weights(self.phase.pass_name):
             for _, layer in self.current_layers():
@@ -142,26 +174,57 @@ class ReconstructionModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------- caching
     @torch.no_grad()
-    def _run(self, block: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        outputs = [block(chunk) for chunk in inputs.split(self.cache_batch_size)]
-        return torch.cat(outputs)
+    def _run(self, block: nn.Module, inputs: torch.Tensor, budget: list[float], keep: bool
+             ) -> tuple[torch.Tensor, bool]:
+        """``block`` over ``inputs`` in chunks, into a tensor on the device when it fits ``budget`` (else host).
+
+        Returns (output, whether it is on the device). ``keep``: the output is part of the unit's cache and uses
+        up the budget (intermediates of a prefix walk do not).
+        """
+        output, on_device = None, True
+        for start in range(0, len(inputs), self.cache_batch_size):
+            chunk = inputs[start : start + self.cache_batch_size].to(self.device, non_blocking=True)
+            result = block(chunk)
+            if output is None:
+                shape = (len(inputs), *result.shape[1:])
+                nbytes = math.prod(shape) * result.element_size()
+                on_device = nbytes <= budget[0]
+                if on_device and keep:
+                    budget[0] -= nbytes
+                layout = torch.channels_last if self.runtime.channels_last and result.dim() == 4 \
+                    else torch.contiguous_format
+                output = allocate(shape, result.dtype, self.device, on_device, layout)
+            output[start : start + len(result)].copy_(result)
+        return output, on_device
 
     @torch.no_grad()
-    def _prepare_cache(self, phase: Phase) -> _BlockCache:
+    def _prepare_cache(self, phase: Phase) -> UnitCache:
         was_training = self.quant_model.training
         self.quant_model.eval()
-        previous = self._cache
+        previous, self._cache = self._cache, None
+        budget = [cache_budget_bytes(self.device, self.runtime.cache_device, self.runtime.cache_budget_gib)]
         if previous is not None and previous.pass_name == phase.pass_name and previous.block == phase.block - 1:
-            fp_input = previous.fp_target
-            quant_input = self._run(self.quant_blocks[phase.block - 1], previous.quant_input)
+            fp_input, fp_on_device = previous.fp_target, previous.on_device("fp_target")  # carried forward
+            if fp_on_device and self.runtime.cache_budget_gib is not None:
+                budget[0] -= fp_input.numel() * fp_input.element_size()
+            quant_input, quant_on_device = self._run(self.quant_blocks[phase.block - 1], previous.quant_input,
+                                                     budget, keep=True)
         else:
-            fp_input = quant_input = self.calibration
+            fp_input = quant_input = self.calibration  # the first unit reads the calibration images in place
+            fp_on_device = quant_on_device = True
             for block in range(phase.block):
-                fp_input = self._run(self.fp_blocks[block], fp_input)
-                quant_input = self._run(self.quant_blocks[block], quant_input)
-        fp_target = self._run(self.fp_blocks[phase.block], fp_input)
+                last = block == phase.block - 1
+                fp_input, fp_on_device = self._run(self.fp_blocks[block], fp_input, budget, keep=last)
+                quant_input, quant_on_device = self._run(self.quant_blocks[block], quant_input, budget, keep=last)
+        del previous
+        fp_target, target_on_device = self._run(self.fp_blocks[phase.block], fp_input, budget, keep=True)
         self.quant_model.train(was_training)
-        self._cache = _BlockCache(phase.pass_name, phase.block, fp_input, quant_input, fp_target)
+        placed = {"fp_input": fp_on_device, "quant_input": quant_on_device, "fp_target": target_on_device}
+        self._cache = UnitCache(phase.pass_name, phase.block, fp_input, quant_input, fp_target, self.device,
+                                host=frozenset(name for name, on_device in placed.items() if not on_device))
+        if self._cache.host_names:
+            log.info("unit %s: %s kept in host memory (over the cache budget)", self.block_names[phase.block],
+                     ", ".join(self._cache.host_names))
         return self._cache
 
     # ------------------------------------------------------------------------------------------- phases
@@ -184,7 +247,8 @@ class ReconstructionModule(L.LightningModule):
         if _trains_activations(phase.pass_name):
             quantizers = [q for _, q in activation_quantizers(block)]
             if any(not bool(q.initialized) for q in quantizers):
-                calibrate_activations(block, cache.quant_input.split(recipe.batch_size), search=recipe.init_search)
+                chunks = (chunk.to(self.device, non_blocking=True) for chunk in cache.quant_input.split(recipe.batch_size))
+                calibrate_activations(block, chunks, search=recipe.init_search)
             for quantizer in quantizers:
                 quantizer.set_mode("nearest")
                 quantizer.drop_prob = recipe.drop_prob
@@ -192,9 +256,21 @@ class ReconstructionModule(L.LightningModule):
             mode = "adaround" if recipe.weight.rounding == "adaround" else "nearest"
             for _, layer in self.block_layers[phase.block]:
                 layer.weight_quantizer.set_mode(mode)
-        for group in self.active_groups(phase):
+        self._active = self.active_groups(phase)
+        if self._graphs_enabled():
+            for group in self._optimizer.param_groups:  # (a checkpoint's groups may come without it)
+                group["capturable"] = True
+        for group in self._active:
             for param in group["params"]:
                 param.requires_grad_(True)
+                state = self._optimizer.state.get(param, {})
+                if self._graphs_enabled() and "step" in state:  # a resumed unit: the step count on the device
+                    state["step"] = state["step"].to(self.device, torch.float32)
+            if self._graphs_enabled():
+                # the captured Adam step reads its lr from a device tensor that the schedule updates in place
+                group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+        self._release_graph()
+        self._applied_modes, self._mode_version = None, self._mode_version + 1
         self._entered = phase
         log.info("reconstruction %s: unit %s (%d/%d), pass %s, %d iterations", self.recipe.method,
                  self.block_names[phase.block], phase.block + 1, len(self.quant_blocks), phase.pass_name,
@@ -202,6 +278,8 @@ class ReconstructionModule(L.LightningModule):
 
     def active_groups(self, phase: Phase) -> list[dict[str, Any]]:
         """The optimizer's param groups trained in ``phase``."""
+        if phase == self._entered:
+            return self._active
         kinds = set()
         if _trains_weights(phase.pass_name):
             kinds |= {"weight", "weight_scale"}
@@ -249,11 +327,14 @@ class ReconstructionModule(L.LightningModule):
             for _, quantizer in activation_quantizers(block):
                 quantizer.drop_prob = 0.0
                 quantizer.set_mode("nearest")
+        self._release_graph()
         for group in self.active_groups(phase):
+            group["lr"] = float(group["lr"])
             for param in group["params"]:
                 param.requires_grad_(False)
                 param.grad = None
                 self._optimizer.state.pop(param, None)  # Adam moments of a finished unit are never used again
+        self._active = []
 
     def finalize(self) -> None:
         """Deterministic quantized model: weights on their grids, activation quantizers on where trained."""
@@ -267,9 +348,9 @@ class ReconstructionModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------- training
     def train_dataloader(self) -> DataLoader:
-        # Each Lightning epoch is `checkpoint_every` engine iterations; the batches carry no data (the
-        # calibration cache lives in the module), they only drive the loop.
-        return DataLoader(range(self.recipe.checkpoint_every), batch_size=None)
+        # Each Lightning epoch is `checkpoint_every` engine iterations (`steps_per_batch` per batch); the batches
+        # carry no data (the calibration cache lives in the module), they only drive the loop.
+        return DataLoader(range(self.recipe.checkpoint_every // self.runtime.steps_per_batch), batch_size=None)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = self._param_groups()
@@ -286,6 +367,19 @@ class ReconstructionModule(L.LightningModule):
         if not self.finished:
             self._enter_phase()
 
+    def set_lr(self, group: dict[str, Any], lr: float) -> None:
+        """Set a param group's learning rate (in place when it is a captured step's device tensor)."""
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+    def _set_scalar(self, name: str, value: float) -> None:
+        """Write a device scalar read by the step (a new value is no new graph); skipped when unchanged."""
+        if self._scalars.get(name) != value:
+            getattr(self, name).fill_(value)
+            self._scalars[name] = value
+
     def _adaround_schedule(self, phase: Phase, iteration: int) -> tuple[float, float]:
         """(weight, beta) of the AdaRound regulariser: off for the warmup, then beta decays linearly to its end."""
         recipe = self.recipe
@@ -299,8 +393,9 @@ class ReconstructionModule(L.LightningModule):
     def _unit_loss(self, block: int, pass_name: str, inputs: torch.Tensor, target: torch.Tensor,
                    reg_weight: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstruction error of one unit plus its regularisers (what the fast path compiles)."""
-        output = self.quant_blocks[block](inputs)
-        reconstruction = (output - target).pow(2).sum(dim=1).mean()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.runtime.bf16):
+            output = self.quant_blocks[block](inputs)
+        reconstruction = (output.float() - target).pow(2).sum(dim=1).mean()
         loss = reconstruction
         layers = self.block_layers[block]
         if self.recipe.weight.rounding == "adaround" and _trains_weights(pass_name) and layers:
@@ -313,9 +408,9 @@ class ReconstructionModule(L.LightningModule):
         return loss, reconstruction
 
     def _loss_fn(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-        """Eager ``_unit_loss``, or its compiled form on the fast path (CUDA graphs with runtime.cuda_graphs)."""
+        """Eager ``_step_loss``, or its Inductor-compiled form (runtime.compile)."""
         if not self.runtime.compile:
-            return self._unit_loss
+            return self._step_loss
         if self._compiled_loss is None:
             # one compiled variant per unit and mode: raise dynamo's per-function recompilation limit
             import torch._dynamo.config as dynamo_config
@@ -323,8 +418,7 @@ class ReconstructionModule(L.LightningModule):
             for name in ("recompile_limit", "cache_size_limit"):
                 if hasattr(dynamo_config, name):
                     setattr(dynamo_config, name, max(getattr(dynamo_config, name), 256))
-            mode = "reduce-overhead" if self.runtime.cuda_graphs else None
-            self._compiled_loss = torch.compile(self._unit_loss, mode=mode, dynamic=False)
+            self._compiled_loss = torch.compile(self._step_loss, dynamic=False)
         return self._compiled_loss
 
     def _reseed(self, iteration: int, salt: int = 0) -> None:
@@ -336,39 +430,75 @@ class ReconstructionModule(L.LightningModule):
             return 1, 0
         return self.trainer.world_size, self.trainer.global_rank
 
-    def _batch(self, phase: Phase) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's slice of the global batch: inputs (mixed as the recipe says) and FP targets.
+    # The global batch: every rank draws the same indices and mixing mask and computes its slice, so N ranks
+    # with batch B/N each compute exactly the gradient of one device with batch B.
+    def _draw_indices(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.randint(len(self._cache), (self.recipe.batch_size,), device=self.device, out=out)
 
-        Every rank draws the same global indices and mixing mask, so N ranks with batch B/N each compute
-        exactly the gradient of one device with batch B.
-        """
-        cache = self._cache
-        indices = torch.randint(len(cache.fp_target), (self.recipe.batch_size,), device=cache.fp_target.device)
-        inputs = cache.quant_input[indices]
-        p = self.recipe.input_quant_prob if _trains_activations(phase.pass_name) else 1.0
-        if p < 1.0:
-            mask = torch.rand(inputs.shape, device=inputs.device) < p  # logical order: layout-independent
-            inputs = torch.where(mask, inputs, cache.fp_input[indices])
+    def _local_slice(self) -> slice:
+        """This rank's rows of the global batch (torch.tensor_split's division: the first ranks get one more)."""
         world, rank = self._world()
-        local = torch.arange(len(indices), device=indices.device).tensor_split(world)[rank]
-        return inputs[local], cache.fp_target[indices[local]]
+        size, extra = divmod(self.recipe.batch_size, world)
+        start = rank * size + min(rank, extra)
+        return slice(start, start + size + (rank < extra))
+
+    def _needed(self, pass_name: str) -> list[str]:
+        mixes = _trains_activations(pass_name) and self.recipe.input_quant_prob < 1.0
+        return ["quant_input", "fp_target"] + (["fp_input"] if mixes else [])
+
+    def _host_rows(self, pass_name: str, indices: torch.Tensor,
+                   static: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """This rank's rows of the host-resident cache tensors, on the device (into ``static`` when given)."""
+        local, rows = indices[self._local_slice()], {}
+        for name in self._needed(pass_name):
+            if not self._cache.on_device(name):
+                out = None if static is None else static.get(name)
+                rows[name] = self._cache.gather_host(name, local, out=out)
+        return rows
+
+    def _batch(self, pass_name: str, indices: torch.Tensor, host_rows: dict[str, torch.Tensor], local: slice
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice ``local`` of the global batch: inputs (mixed as the recipe says) and FP targets."""
+        rows = {name: host_rows[name] if name in host_rows else self._cache.gather_device(name, indices[local])
+                for name in self._needed(pass_name)}
+        inputs = rows["quant_input"]
+        if "fp_input" in rows:
+            global_shape = (self.recipe.batch_size, *inputs.shape[1:])
+            # drawn for the global batch in logical order: layout- and world-size-independent
+            mask = (torch.rand(global_shape, device=inputs.device) < self.recipe.input_quant_prob)[local]
+            inputs = torch.where(mask, inputs, rows["fp_input"])
+        return inputs, rows["fp_target"]
+
+    def _step_loss(self, block: int, pass_name: str, indices: torch.Tensor, host_rows: dict[str, torch.Tensor],
+                   local: slice, reg_weight: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch and loss of one step: what runtime.compile compiles (gather, mixing and quantizers fuse)."""
+        inputs, target = self._batch(pass_name, indices, host_rows, local)
+        return self._unit_loss(block, pass_name, inputs, target, reg_weight, beta)
 
     def reconstruction_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One iteration on the current unit: sample, forward, loss, backward, update. Returns (loss, error)."""
-        phase, iteration = self.phase, self.phase_iteration
+        """One iteration on the current unit: sample, forward, loss, backward, update. Returns (loss, error).
+
+        On the CUDA-graph path the returned tensors are the graph's static outputs: read (or clone) them before
+        the next step.
+        """
+        phase = self.phase
         if self._entered != phase:
             raise RuntimeError(f"reconstruction phase {phase} was not entered before its first step")
+        for hook in self.step_hooks.values():
+            hook(self)
+        reg_weight, beta = self._adaround_schedule(phase, self._step - phase.start)
+        self._set_scalar("adaround_weight", reg_weight)
+        self._set_scalar("adaround_beta", beta)
         self._reseed(self._step)
-        inputs, target = self._batch(phase)
-        reg_weight, beta = self._adaround_schedule(phase, iteration)
-        self.adaround_weight.fill_(reg_weight)  # device scalars: a new value is no new graph
-        self.adaround_beta.fill_(beta)
-        if self.runtime.compile and self.runtime.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        loss, reconstruction = self._loss_fn()(phase.block, phase.pass_name, inputs, target,
-                                               self.adaround_weight, self.adaround_beta)
-        self._update(loss, phase)
-        loss, reconstruction = loss.detach().clone(), reconstruction.detach().clone()
+        if self._graphs_enabled():
+            loss, reconstruction = self._graph_step(phase)
+        else:
+            indices = self._draw_indices()
+            loss, reconstruction = self._loss_fn()(phase.block, phase.pass_name, indices,
+                                                   self._host_rows(phase.pass_name, indices), self._local_slice(),
+                                                   self.adaround_weight, self.adaround_beta)
+            self._update(loss, phase)
+            loss, reconstruction = loss.detach(), reconstruction.detach()
         self._step += 1
         if self._step >= phase.start + phase.iters:
             self._finish_phase(phase)
@@ -390,6 +520,66 @@ class ReconstructionModule(L.LightningModule):
             self._sync_gradients(phase)
         optimizer.step()
 
+    # ------------------------------------------------------------------------------------------- CUDA graphs
+    def _graphs_enabled(self) -> bool:
+        return self.runtime.cuda_graphs and self.device.type == "cuda"
+
+    def _release_graph(self) -> None:
+        """Drop the captured step (its memory pool returns to the allocator with the gradients it owned)."""
+        if self._graph is not None and self._graph.graph is not None and self._optimizer is not None:
+            self._optimizer.zero_grad(set_to_none=True)
+        self._graph = None
+
+    def _graph_body(self, phase: Phase, graph: _StepGraph) -> tuple[torch.Tensor, torch.Tensor]:
+        """What one captured step does: gather and mix the batch, loss, backward, all-reduce, Adam."""
+        loss, reconstruction = self._loss_fn()(phase.block, phase.pass_name, graph.indices, graph.static,
+                                               self._local_slice(), self.adaround_weight, self.adaround_beta)
+        if loss.requires_grad:
+            loss.backward()
+            self._sync_gradients(phase)
+        self._optimizer.step()
+        return loss.detach(), reconstruction.detach()
+
+    def _graph_step(self, phase: Phase) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step through the unit's CUDA graph: ``graph_warmup`` eager steps on a side stream, then capture."""
+        key = (phase.block, self._mode_version)
+        graph = self._graph
+        if graph is None or graph.key != key:
+            self._release_graph()
+            indices = torch.empty(self.recipe.batch_size, dtype=torch.long, device=self.device)
+            graph = self._graph = _StepGraph(key, indices)
+        # Outside the graph: the indices (the eager path's first draw, so the RNG streams agree) and the rows of
+        # host-resident cache tensors, copied into the graph's static inputs.
+        self._draw_indices(out=graph.indices)
+        graph.static.update(self._host_rows(phase.pass_name, graph.indices, graph.static))
+        if graph.graph is None and graph.warm_steps < self.runtime.graph_warmup:
+            graph.warm_steps += 1
+            self._optimizer.zero_grad(set_to_none=True)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                loss, reconstruction = self._graph_body(phase, graph)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self._count_optimizer_step()
+            return loss, reconstruction
+        if graph.graph is None:
+            # Gradients must be allocated inside the graph, so that every replay writes the same tensors.
+            self._optimizer.zero_grad(set_to_none=True)
+            graph.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph.graph):  # records the step without running it
+                graph.loss, graph.reconstruction = self._graph_body(phase, graph)
+        graph.graph.replay()
+        self._count_optimizer_step()
+        return graph.loss, graph.reconstruction
+
+    def _count_optimizer_step(self) -> None:
+        """Keep Lightning's step count (the loggers' x axis) right for steps run outside ``LightningOptimizer``."""
+        if self._trainer is None:
+            return
+        optimizer = self.optimizers()
+        optimizer._on_before_step()
+        optimizer._on_after_step()
+
     def start(self) -> None:
         """Prepare to be driven without a Trainer: build the optimizer and enter the current unit."""
         self.configure_optimizers()
@@ -397,19 +587,24 @@ class ReconstructionModule(L.LightningModule):
             self._enter_phase()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        if self.finished:
-            return None
-        block, step = self.phase.block, self._step
-        loss, reconstruction = self.reconstruction_step()
-        if step % self.runtime.log_every == 0:
-            self.log("quantize/train/reconstruction", reconstruction, prog_bar=True)
-            self.log("quantize/train/block", float(block), prog_bar=True)
-        return loss
+        loss = logged = None
+        for _ in range(self.runtime.steps_per_batch):
+            if self.finished:
+                break
+            block, step = self.phase.block, self._step
+            loss, reconstruction = self.reconstruction_step()
+            if step % self.runtime.log_every == 0:
+                logged = (block, reconstruction.clone())
+        if logged is not None:
+            self.log("quantize/train/reconstruction", logged[1], prog_bar=True)
+            self.log("quantize/train/block", float(logged[0]), prog_bar=True)
+        return None if loss is None else loss.clone()
 
     def _sync_gradients(self, phase: Phase) -> None:
-        if self.trainer.world_size <= 1 or not dist.is_available() or not dist.is_initialized():
+        if self._trainer is None or self.trainer.world_size <= 1 or not dist.is_available() \
+                or not dist.is_initialized():
             return
-        for group in self.active_groups(phase):
+        for group in self._active:
             for param in group["params"]:
                 if param.grad is not None:
                     dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)

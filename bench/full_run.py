@@ -1,0 +1,153 @@
+"""A whole reconstruction through the Lightning Trainer, timed unit by unit (a benchmark, not a test).
+
+    python bench/full_run.py --model resnet50 --method hdrq --iters 400 --path fast
+
+Runs every unit of the model (stem, all residual blocks, head) for ``--iters`` iterations per unit with the real
+callbacks (lr schedule, noise switch, distance regulariser) and the Lightning loop, as `hdrq quantize` does, and
+times per unit: building its cache, the first steps after each mode change (compilation and CUDA-graph capture)
+and the steady iterations. The whole-model time at 20,000 iterations per unit is then
+sum over units of (cache + first steps + steady ms/iter x the remaining iterations), i.e. measured, not
+assumed, one-off costs. Writes <out>/full_run_<model>_<method>_<path>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.reconstruction import PATHS, PRESETS  # noqa: E402
+from hdrq_lightning.callbacks import CosineWarmup, DistanceRegularizer, NoiseToFakeQuantSwitch  # noqa: E402
+from hdrq_lightning.models.shot import build_shot_net  # noqa: E402
+from hdrq_lightning.quant.fold import fold_batch_norm  # noqa: E402
+from hdrq_lightning.quant.modules import quantize_model  # noqa: E402
+from hdrq_lightning.quant.recipe import Recipe  # noqa: E402
+from hdrq_lightning.quant.reconstruction import ReconstructionModule  # noqa: E402
+from hdrq_lightning.stages.quantize import quant_config  # noqa: E402
+
+FIRST_STEPS = 5  # steps after a unit start or a mode switch counted as one-off (warmup, compile, capture)
+
+
+class UnitTimer:
+    """Engine step hook: synchronises and stamps the clock at unit starts, mode switches and their first steps."""
+
+    def __init__(self, module: ReconstructionModule, recipe: Recipe) -> None:
+        self.module, self.recipe, self.stamps = module, recipe, []
+        module.step_hooks["timer"] = self
+
+    def marks(self, iters: int) -> dict[int, str]:
+        switch = self.recipe.noise.switch_iteration(iters) if self.recipe.noise.enabled else None
+        marks = {0: "start", FIRST_STEPS: "steady"}
+        if switch is not None and 0 < switch < iters:
+            marks |= {switch: "switch", switch + FIRST_STEPS: "steady2"}
+        return marks
+
+    def __call__(self, module: ReconstructionModule) -> None:
+        phase = module.phase
+        label = self.marks(phase.iters).get(module.phase_iteration)
+        if label is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.stamps.append((phase.block, phase.pass_name, label, module.phase_iteration, time.perf_counter()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--method", default="hdrq", choices=sorted(PRESETS))
+    parser.add_argument("--path", default="fast", choices=sorted(PATHS))
+    parser.add_argument("--iters", type=int, default=400, help="iterations per unit in this run")
+    parser.add_argument("--target-iters", type=int, default=20000, help="iterations per unit to extrapolate to")
+    parser.add_argument("--steps-per-batch", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--calibration", type=int, default=1024)
+    parser.add_argument("--image", type=int, default=224)
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke run)")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench/full_run.py needs a CUDA GPU (or --device cpu for a smoke run).")
+    torch.manual_seed(0)
+    runtime = PATHS[args.path]
+    runtime.steps_per_batch = args.steps_per_batch
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = runtime.tf32
+    fp = fold_batch_norm(build_shot_net(args.model, 65).eval())
+    preset = dict(PRESETS[args.method])
+    recipe = Recipe(method=args.method, w_bits=4, a_bits=4, iters=args.iters, act_iters=max(1, args.iters // 4),
+                    batch_size=args.batch, checkpoint_every=args.steps_per_batch * 10, **preset)
+    # the noise switch keeps the paper's proportion (16,500 noise + 3,500 fake-quant of 20,000)
+    switch = recipe.noise.switch_iteration(args.iters) if recipe.noise.enabled else 0
+    if min(switch, args.iters - switch) < 2 * FIRST_STEPS and recipe.noise.enabled or args.iters < 2 * FIRST_STEPS:
+        raise SystemExit(f"--iters {args.iters} leaves too few steady steps around the noise switch; use >= 100.")
+    quant = quantize_model(fp, quant_config(recipe))
+    calibration = torch.randn(args.calibration, 3, args.image, args.image)
+    module = ReconstructionModule(fp, quant, calibration, recipe, runtime=runtime)
+    callbacks = [CosineWarmup(recipe.warmup_fraction), NoiseToFakeQuantSwitch(recipe.noise)]
+    if recipe.distance_weight > 0:
+        callbacks.append(DistanceRegularizer({k: v for k, v in fp.state_dict().items() if k.endswith("weight")},
+                                             recipe.distance_weight))
+    timer = UnitTimer(module, recipe)  # a step hook: runs before the callbacks' hooks (host work only)
+    trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, max_epochs=math.ceil(module.total_iters / recipe.checkpoint_every),
+                        callbacks=callbacks)
+    started = time.perf_counter()
+    trainer.fit(module)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    stamps = timer.stamps + [(None, None, "end", None, time.perf_counter())]
+
+    # per unit: one-off seconds (cache + first steps of every mode) and steady seconds per iteration per mode
+    units, previous_end = [], started
+    by_unit: dict[tuple[int, str], list] = {}
+    for stamp in timer.stamps:
+        by_unit.setdefault((stamp[0], stamp[1]), []).append(stamp)
+    extrapolated = 0.0
+    for (block, pass_name), marks in by_unit.items():
+        phase = next(p for p in module.plan if p.block == block and p.pass_name == pass_name)
+        unit_end = next(s[4] for s in stamps if s[4] > marks[-1][4] and (s[0], s[1]) != (block, pass_name))
+        times = {label: t for _, _, label, _, t in marks}
+        cache_s = times["start"] - previous_end
+        target = args.target_iters if pass_name != "activations" else args.target_iters // 4
+        segments = []  # (one-off seconds, steady seconds, steady iterations, iterations at the target length)
+        if "switch" in times:
+            switch, target_switch = recipe.noise.switch_iteration(phase.iters), recipe.noise.switch_iteration(target)
+            segments.append((times["steady"] - times["start"], times["switch"] - times["steady"],
+                             switch - FIRST_STEPS, target_switch - FIRST_STEPS))
+            segments.append((times["steady2"] - times["switch"], unit_end - times["steady2"],
+                             phase.iters - switch - FIRST_STEPS, target - target_switch - FIRST_STEPS))
+        else:
+            segments.append((times["steady"] - times["start"], unit_end - times["steady"],
+                             phase.iters - FIRST_STEPS, target - FIRST_STEPS))
+        one_off = sum(s[0] for s in segments)
+        steady_ms = [1000 * s[1] / max(1, s[2]) for s in segments]
+        unit_target = cache_s + one_off + sum(ms / 1000 * s[3] for ms, s in zip(steady_ms, segments))
+        extrapolated += unit_target
+        units.append({"unit": module.block_names[block], "pass": pass_name, "cache_s": round(cache_s, 2),
+                      "first_steps_s": round(one_off, 2), "steady_ms_per_iter": [round(x, 3) for x in steady_ms],
+                      "seconds_at_target": round(unit_target, 1)})
+        previous_end = unit_end
+        print(units[-1], flush=True)
+    cuda = args.device == "cuda"
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "args": vars(args),
+              "wall_seconds": round(wall, 1),
+              "extrapolated_minutes": round(extrapolated / 60, 2),
+              "one_off_minutes": round(sum(u["cache_s"] + u["first_steps_s"] for u in units) / 60, 2),
+              "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None, "units": units}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"full_run_{args.model}_{args.method}_{args.path}.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "units"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Where a unit's calibration cache lives: on the GPU when it fits the budget, else in pinned host memory.
+
+A unit's cache is three tensors over the calibration set: the FP input, the quantized prefix's input and the FP
+target. On the GPU (the fast case) a step gathers its batch with one ``index_select`` per tensor, inside the
+captured CUDA graph. A tensor that does not fit the budget stays in (pinned) host memory: each step gathers its
+rows on the host into a pinned staging buffer and copies them to the GPU (PCIe-bound, so slower, but it runs).
+
+The budget (``quant.runtime.cache_budget_gib``; ``null`` = 60% of the GPU memory free when the unit starts) is
+filled greedily: each tensor goes to the GPU, as it is computed, while the running total fits. For scale: a
+ResNet-50 or ResNet-101 at 224 px with 1024 calibration images needs at most 9.2 GiB per unit (layer1:
+3 x 1024 x 256 x 56 x 56 floats); segmentation inputs (1024 x 512) need 10x as much per image.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from hdrq_lightning.errors import ConfigError
+
+log = logging.getLogger("hdrq")
+
+CACHE_DEVICES = ("auto", "device", "host")
+# Share of the GPU memory free at a unit's start that an automatic budget may fill (the rest is left for the
+# step's activations, gradients and graph pools).
+AUTO_BUDGET_FRACTION = 0.6
+CACHE_NAMES = ("quant_input", "fp_input", "fp_target")
+
+
+def check_cache_device(cache_device: str) -> None:
+    if cache_device not in CACHE_DEVICES:
+        raise ConfigError(f"quant.runtime.cache_device={cache_device!r} is unknown; use one of {CACHE_DEVICES}.")
+
+
+def cache_budget_bytes(device: torch.device, cache_device: str, budget_gib: float | None) -> float:
+    """Bytes of the unit cache allowed on ``device`` ("host": none; the CPU: no limit unless one is given)."""
+    check_cache_device(cache_device)
+    if cache_device == "host":
+        return 0.0
+    if cache_device == "device":
+        return float("inf")
+    if budget_gib is not None:
+        return budget_gib * 2**30
+    if device.type != "cuda":
+        return float("inf")
+    free, _ = torch.cuda.mem_get_info(device)
+    reusable = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return AUTO_BUDGET_FRACTION * (free + reusable)
+
+
+@dataclass
+class UnitCache:
+    """The cached tensors of one unit in one pass; those named in ``host`` live in host memory.
+
+    (On a CPU-only run "host" tensors are ordinary CPU tensors: the same code path, no copies.)
+    """
+
+    pass_name: str
+    block: int
+    fp_input: torch.Tensor
+    quant_input: torch.Tensor
+    fp_target: torch.Tensor
+    device: torch.device
+    host: frozenset[str] = frozenset()
+    _staging: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.fp_target)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return getattr(self, name)
+
+    def on_device(self, name: str) -> bool:
+        return name not in self.host
+
+    @property
+    def host_names(self) -> list[str]:
+        return [name for name in CACHE_NAMES if name in self.host]
+
+    def gather_device(self, name: str, indices: torch.Tensor) -> torch.Tensor:
+        """Rows ``indices`` of a device-resident tensor, in its memory layout (graph-capturable).
+
+        Each sample of a dense tensor is one contiguous block (also channels-last: the batch stride is the
+        outermost), so the gather is a row gather of a 2-D view: a plain copy kernel, where ``index_select``
+        on a 4-D channels-last tensor runs a generic gather at a fraction of the memory bandwidth.
+        """
+        tensor = self.tensor(name)
+        row = math.prod(tensor.shape[1:])
+        dense = tensor.is_contiguous() or (tensor.dim() == 4 and tensor.is_contiguous(
+            memory_format=torch.channels_last))
+        if not dense or tensor.stride(0) != row:
+            return tensor.index_select(0, indices)
+        rows = tensor.as_strided((len(tensor), row), (row, 1)).index_select(0, indices)
+        return rows.as_strided((len(indices), *tensor.shape[1:]), tensor.stride())
+
+    def gather_host(self, name: str, indices: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``indices`` (a device tensor) of a host-resident tensor, delivered on the device.
+
+        The indices come to the host (a sync: the previous step's copies are complete, so one staging buffer
+        is never overwritten while in flight), the rows are gathered into pinned memory and copied without
+        blocking, into ``out`` when given (a CUDA graph's static input).
+        """
+        host = self.tensor(name)
+        rows = indices.to("cpu")
+        staging = self._staging.get(name)
+        if staging is None or staging.shape[0] != len(rows):
+            staging = torch.empty((len(rows), *host.shape[1:]), dtype=host.dtype,
+                                  pin_memory=self.device.type == "cuda")
+            self._staging[name] = staging
+        torch.index_select(host, 0, rows, out=staging)
+        if out is None:
+            return staging.to(self.device, non_blocking=True)
+        out.copy_(staging, non_blocking=True)
+        return out
+
+
+def allocate(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, on_device: bool,
+             memory_format: torch.memory_format) -> torch.Tensor:
+    """An empty cache tensor on the compute device or in (pinned, when a GPU is used) host memory."""
+    if on_device:
+        return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    return torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda", memory_format=memory_format)

@@ -1,0 +1,149 @@
+"""Runtime options of the engine change how it runs, never what it computes (CPU; the GPU side is in
+test_fast_path.py)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from hdrq_lightning.callbacks import CosineWarmup, NoiseToFakeQuantSwitch
+from hdrq_lightning.errors import ConfigError
+from hdrq_lightning.models.shot import build_shot_net
+from hdrq_lightning.quant.cache import cache_budget_bytes
+from hdrq_lightning.quant.fold import fold_batch_norm
+from hdrq_lightning.quant.modules import quantize_model
+from hdrq_lightning.quant.quantizers import ActivationQuantizer
+from hdrq_lightning.quant.recipe import NoiseRecipe, Recipe, Runtime, WeightRecipe
+from hdrq_lightning.quant.reconstruction import ReconstructionModule
+from hdrq_lightning.stages.quantize import quant_config
+
+HDRQ = dict(method="hdrq", distance_weight=0.0, noise=NoiseRecipe(enabled=True),
+            weight=WeightRecipe(rounding="latent", symmetric=True, learn_scale=True, lr=1e-4,
+                                schedule="warmup_cosine"))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    fp = fold_batch_norm(build_shot_net("resnet_tiny", 10).eval())
+    calibration = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return fp, calibration
+
+
+def _engine(setup, recipe: Recipe, runtime: Runtime) -> ReconstructionModule:
+    fp, calibration = setup
+    module = ReconstructionModule(fp, quantize_model(fp, quant_config(recipe)), calibration, recipe, runtime=runtime)
+    CosineWarmup(recipe.warmup_fraction).attach(module)
+    NoiseToFakeQuantSwitch(recipe.noise).attach(module)
+    module.start()
+    return module
+
+
+def _drive(module: ReconstructionModule) -> list[float]:
+    losses = []
+    while not module.finished:
+        losses.append(module.reconstruction_step()[0].item())
+    return losses
+
+
+def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sb[key], sa[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("extra", [dict(method="qdrop"), HDRQ], ids=["qdrop", "hdrq"])
+def test_host_resident_cache_gives_the_same_run(setup, extra):
+    """A cache kept in host memory (over the budget) draws and computes exactly what a device cache does."""
+    recipe = Recipe(iters=6, batch_size=4, **extra)
+    device = _engine(setup, recipe, Runtime(cache_device="device"))
+    host = _engine(setup, recipe, Runtime(cache_device="host"))
+    assert host._cache.host_names == ["fp_target"]  # the first unit reads the calibration images in place
+    assert device._cache.host_names == []
+    losses_device, losses_host = _drive(device), _drive(host)
+    assert losses_host == losses_device
+    _assert_same_state(device.quant_model, host.quant_model)
+
+
+def test_budget_places_tensors_greedily(setup):
+    """Within a budget each tensor goes to the device as it is computed while the running total fits."""
+    recipe = Recipe(iters=2, batch_size=4, method="qdrop")
+    module = _engine(setup, recipe, Runtime())
+    module.reconstruction_step()
+    module.reconstruction_step()  # into unit 1: inputs carried from the stem
+    cache = module._cache
+    one_tensor = cache.quant_input.numel() * cache.quant_input.element_size()
+    budgeted = _engine(setup, recipe, Runtime(cache_budget_gib=2.2 * one_tensor / 2**30))
+    budgeted.reconstruction_step()
+    budgeted.reconstruction_step()
+    # unit 1 (64 -> 32 channels): the carried fp_input (1 tensor) and quant_input (1) fit, fp_target (0.5) not
+    assert budgeted._cache.host_names == ["fp_target"]
+    assert cache_budget_bytes(torch.device("cpu"), "auto", None) == math.inf
+    assert cache_budget_bytes(torch.device("cpu"), "host", None) == 0
+
+
+def test_cuda_graphs_on_cpu_run_eagerly(setup):
+    recipe = Recipe(iters=4, batch_size=4, method="qdrop")
+    eager = _engine(setup, recipe, Runtime())
+    graphs = _engine(setup, recipe, Runtime(cuda_graphs=True))
+    assert _drive(graphs) == _drive(eager)
+    _assert_same_state(eager.quant_model, graphs.quant_model)
+
+
+def _fit(setup, recipe: Recipe, runtime: Runtime) -> ReconstructionModule:
+    fp, calibration = setup
+    module = ReconstructionModule(fp, quantize_model(fp, quant_config(recipe)), calibration, recipe, runtime=runtime)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        max_epochs=math.ceil(module.total_iters / recipe.checkpoint_every),
+                        callbacks=[CosineWarmup(recipe.warmup_fraction), NoiseToFakeQuantSwitch(recipe.noise)])
+    trainer.fit(module)
+    assert module.finished
+    assert trainer.global_step == module.total_iters  # Lightning counts every engine step
+    return module
+
+
+def test_steps_per_batch_changes_nothing_but_the_loop(setup):
+    recipe = Recipe(iters=6, batch_size=4, checkpoint_every=4, **HDRQ)
+    one = _fit(setup, recipe, Runtime(steps_per_batch=1))
+    four = _fit(setup, copy.deepcopy(recipe), Runtime(steps_per_batch=4))
+    _assert_same_state(one.quant_model, four.quant_model)
+
+
+def test_runtime_options_are_checked(setup):
+    fp, calibration = setup
+    recipe = Recipe(iters=2, batch_size=4, checkpoint_every=10, method="qdrop")
+    with pytest.raises(ConfigError, match="multiple of quant.runtime.steps_per_batch"):
+        ReconstructionModule(fp, quantize_model(fp, quant_config(recipe)), calibration, recipe,
+                             runtime=Runtime(steps_per_batch=4))
+    with pytest.raises(ConfigError, match="cache_device"):
+        Runtime(cache_device="disk")
+    with pytest.raises(ConfigError, match="steps_per_batch"):
+        Runtime(steps_per_batch=0)
+    with pytest.raises(ConfigError, match="unknown keys"):
+        Runtime.from_config({"graphs": True})
+
+
+def test_activation_quantizer_keeps_grid_arithmetic_in_float32_under_bf16():
+    """bf16 inputs (autocast convolutions) are quantized in float32: same output and LSQ step gradient as the
+    float32 computation on the same values, returned in bf16 for the next convolution."""
+    torch.manual_seed(0)
+    values = (torch.rand(4096) * 7.3).to(torch.bfloat16)
+    grads = torch.randn(4096).to(torch.bfloat16).float()  # exact in both dtypes
+    results = []
+    for x in (values, values.float()):
+        quantizer = ActivationQuantizer(bits=4, learn_scale=True)
+        quantizer.set_range(torch.tensor(0.43), torch.tensor(0.0), signed=False)
+        quantizer.set_mode("nearest")
+        out = quantizer(x)
+        assert out.dtype == x.dtype
+        (out.float() * grads).sum().backward()
+        results.append((out.float(), quantizer.scale.grad.clone()))
+    (out_bf16, grad_bf16), (out_fp32, grad_fp32) = results
+    torch.testing.assert_close(out_bf16, out_fp32.to(torch.bfloat16).float(), rtol=0, atol=0)
+    torch.testing.assert_close(grad_bf16, grad_fp32, rtol=1e-6, atol=1e-7)
