@@ -45,7 +45,9 @@ class UnitTimer:
 
     def marks(self, iters: int) -> dict[int, str]:
         switch = self.recipe.noise.switch_iteration(iters) if self.recipe.noise.enabled else None
-        marks = {0: "start", FIRST_STEPS: "steady"}
+        # "last": before a unit's last step; that step, the unit's end and the next unit's cache and activation
+        # calibration count as the next unit's cache time
+        marks = {0: "start", FIRST_STEPS: "steady", iters - 1: "last"}
         if switch is not None and 0 < switch < iters:
             marks |= {switch: "switch", switch + FIRST_STEPS: "steady2"}
         return marks
@@ -114,20 +116,20 @@ def main() -> None:
     extrapolated = 0.0
     for (block, pass_name), marks in by_unit.items():
         phase = next(p for p in module.plan if p.block == block and p.pass_name == pass_name)
-        unit_end = next(s[4] for s in stamps if s[4] > marks[-1][4] and (s[0], s[1]) != (block, pass_name))
         times = {label: t for _, _, label, _, t in marks}
         cache_s = times["start"] - previous_end
         target = args.target_iters if pass_name != "activations" else args.target_iters // 4
-        segments = []  # (one-off seconds, steady seconds, steady iterations, iterations at the target length)
+        last = phase.iters - 1
+        segments = []  # (one-off seconds, steady seconds, steady iterations, steady iterations at the target)
         if "switch" in times:
             switch, target_switch = recipe.noise.switch_iteration(phase.iters), recipe.noise.switch_iteration(target)
             segments.append((times["steady"] - times["start"], times["switch"] - times["steady"],
                              switch - FIRST_STEPS, target_switch - FIRST_STEPS))
-            segments.append((times["steady2"] - times["switch"], unit_end - times["steady2"],
-                             phase.iters - switch - FIRST_STEPS, target - target_switch - FIRST_STEPS))
+            segments.append((times["steady2"] - times["switch"], times["last"] - times["steady2"],
+                             last - switch - FIRST_STEPS, target - 1 - target_switch - FIRST_STEPS))
         else:
-            segments.append((times["steady"] - times["start"], unit_end - times["steady"],
-                             phase.iters - FIRST_STEPS, target - FIRST_STEPS))
+            segments.append((times["steady"] - times["start"], times["last"] - times["steady"],
+                             last - FIRST_STEPS, target - 1 - FIRST_STEPS))
         one_off = sum(s[0] for s in segments)
         steady_ms = [1000 * s[1] / max(1, s[2]) for s in segments]
         unit_target = cache_s + one_off + sum(ms / 1000 * s[3] for ms, s in zip(steady_ms, segments))
@@ -135,13 +137,14 @@ def main() -> None:
         units.append({"unit": module.block_names[block], "pass": pass_name, "cache_s": round(cache_s, 2),
                       "first_steps_s": round(one_off, 2), "steady_ms_per_iter": [round(x, 3) for x in steady_ms],
                       "seconds_at_target": round(unit_target, 1)})
-        previous_end = unit_end
+        previous_end = times["last"]
         print(units[-1], flush=True)
-    cuda = args.device == "cuda"
+    finish_s = stamps[-1][4] - previous_end  # the last step, finalising the model, the Trainer's teardown
+    extrapolated += finish_s
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "args": vars(args),
               "wall_seconds": round(wall, 1),
               "extrapolated_minutes": round(extrapolated / 60, 2),
-              "one_off_minutes": round(sum(u["cache_s"] + u["first_steps_s"] for u in units) / 60, 2),
+              "one_off_minutes": round((sum(u["cache_s"] + u["first_steps_s"] for u in units) + finish_s) / 60, 2),
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None, "units": units}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

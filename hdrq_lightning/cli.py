@@ -68,6 +68,29 @@ def _task(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+# Hydra flags that take a value (argparse wants every flag before the overrides, which are one positional list)
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+                "-cd", "--info", "-i", "--experimental-rerun"}
+
+
+def split_hydra_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """(flags with their values, overrides): ``hdrq quantize quant=qdrop -m --cfg job`` works in any order."""
+    flags, overrides, index = [], [], 0
+    while index < len(args):
+        arg = args[index]
+        if arg.startswith("-") and "=" not in arg:
+            flags.append(arg)
+            following = args[index + 1] if index + 1 < len(args) else None
+            if arg in _VALUE_FLAGS and following is not None and "=" not in following and \
+                    not following.startswith("-"):
+                flags.append(following)
+                index += 1
+        else:
+            overrides.append(arg)
+        index += 1
+    return flags, overrides
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     stages = "\n".join(f"  {name:<10} {desc}" for name, (_, _, desc) in STAGES.items())
@@ -81,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     import hydra
 
     logging.getLogger("hdrq").setLevel(logging.INFO)
-    sys.argv = [f"hdrq {stage}", f"stage={stage}", *overrides]
+    flags, overrides = split_hydra_flags(overrides)
+    sys.argv = [f"hdrq {stage}", *flags, *overrides, f"stage={stage}"]
     hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(_task)()
 
 

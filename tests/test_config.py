@@ -97,6 +97,9 @@ def test_cli_lists_stages_and_prints_config(tmp_path):
     out = _hdrq("quantize", "quant=qdrop", "quant.w_bits=3", "--cfg", "job", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "method: qdrop" in out.stdout and "w_bits: 3" in out.stdout
+    # a multirun (sweep) is launched (its first job then fails fast: w_bits out of range)
+    out = _hdrq("quantize", "quant=qdrop,hdrq", "quant.w_bits=12", "-m", f"paths.runs_dir={tmp_path}", cwd=tmp_path)
+    assert "Launching 2 jobs" in out.stdout + out.stderr and "#0 : quant=qdrop" in out.stdout + out.stderr
 
 
 def test_cli_bad_input_is_one_paragraph(tmp_path):
@@ -108,3 +111,11 @@ def test_cli_bad_input_is_one_paragraph(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr and "2 to 8" in out.stderr
     out = _hdrq("frobnicate", cwd=tmp_path)
     assert out.returncode == 2 and "unknown stage" in out.stderr
+
+
+def test_hydra_flags_go_before_the_overrides():
+    from hdrq_lightning.cli import split_hydra_flags
+
+    assert split_hydra_flags(["quant=qdrop", "-m", "--cfg", "job", "seed=1"]) == (
+        ["-m", "--cfg", "job"], ["quant=qdrop", "seed=1"])
+    assert split_hydra_flags(["--info", "quant.w_bits=3"]) == (["--info"], ["quant.w_bits=3"])

@@ -147,3 +147,12 @@ def test_activation_quantizer_keeps_grid_arithmetic_in_float32_under_bf16():
     (out_bf16, grad_bf16), (out_fp32, grad_fp32) = results
     torch.testing.assert_close(out_bf16, out_fp32.to(torch.bfloat16).float(), rtol=0, atol=0)
     torch.testing.assert_close(grad_bf16, grad_fp32, rtol=1e-6, atol=1e-7)
+
+
+def test_every_runtime_option_is_in_the_config(compose_cfg):
+    """conf/quant/base.yaml lists every Runtime field, so each can be set from the command line."""
+    import dataclasses
+
+    cfg = compose_cfg("quantize")
+    assert set(cfg.quant.runtime) == {f.name for f in dataclasses.fields(Runtime)}
+    assert Runtime.from_config(cfg.quant.runtime) == Runtime()

@@ -9,7 +9,7 @@ from scipy import stats
 
 from hdrq_lightning.errors import ConfigError
 from hdrq_lightning.quant.noise import residual_histogram, rounding_residual_noise
-from hdrq_lightning.quant.quantizers import ActivationQuantizer, WeightQuantizer
+from hdrq_lightning.quant.quantizers import ActivationQuantizer, WeightQuantizer, fake_quantize_noise
 
 torch.set_num_threads(1)
 
@@ -293,3 +293,28 @@ def test_residual_histogram_counts_like_histc_with_many_exact_zeros(masked: bool
     expected = torch.histc(residuals, 256, -0.5, 0.5)
     assert expected[128] > 1000  # the hot bin really is hot
     torch.testing.assert_close(residual_histogram(x, 256, mask if masked else None), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_noise_gradients_are_the_chain_rule_of_the_textbook_form(per_channel: bool) -> None:
+    """The closed-form noise forward has the gradients of ((t / s + z + eps) - z) * s with eps held fixed."""
+    torch.manual_seed(0)
+    t = (torch.randn(6, 50) * 2).requires_grad_(True)
+    scale = (torch.rand(6, 1) * 0.2 + 0.1 if per_channel else torch.tensor(0.17)).requires_grad_(True)
+    zero_point = torch.full_like(scale, 3.0).detach()
+    torch.manual_seed(1)
+    out = fake_quantize_noise(t, scale, zero_point, 0, 15, "histogram")
+    upstream = torch.randn_like(out)
+    grad_t, grad_s = torch.autograd.grad((out * upstream).sum(), [t, scale])
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        x = t / scale + zero_point
+        eps = rounding_residual_noise(x, "histogram", mask=(x >= 0) & (x <= 15))  # the same draw
+    t2, s2 = t.detach().clone().requires_grad_(True), scale.detach().clone().requires_grad_(True)
+    x2 = t2 / s2 + zero_point
+    textbook = (torch.where((x2 >= 0) & (x2 <= 15), x2 + eps, torch.clamp(x2, 0, 15)) - zero_point) * s2
+    expected_t, expected_s = torch.autograd.grad((textbook * upstream).sum(), [t2, s2])
+    torch.testing.assert_close(out, textbook, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_t, expected_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_s, expected_s, rtol=1e-4, atol=1e-4)

@@ -72,11 +72,18 @@ def fake_quantize_nearest(t: Tensor, scale: Tensor, zero_point: Tensor, qmin: in
 def fake_quantize_noise(
     t: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, distribution: str
 ) -> Tensor:
-    """HDRQ noise quantization: clipped elements pinned to the boundary, the others get detached noise."""
-    x = t / scale + zero_point
-    in_range = (x >= qmin) & (x <= qmax)
-    noise = rounding_residual_noise(x.detach(), distribution, mask=in_range)
-    return (torch.where(in_range, x + noise, torch.clamp(x, qmin, qmax)) - zero_point) * scale
+    """HDRQ noise quantization: clipped elements pinned to the boundary, the others get detached noise.
+
+    ``((t / s + z + eps) - z) * s`` is written ``t + s * eps`` (and the clipped ``(clamp - z) * s``), so autograd
+    gives the closed forms d/dt = 1 (in range), d/ds = eps (in range) or clamp - z (clipped): the same gradients
+    without differentiating through ``t / s`` (whose step-gradient reduction compiles to a slow kernel).
+    """
+    with torch.no_grad():
+        x = t / scale + zero_point
+        in_range = (x >= qmin) & (x <= qmax)
+        noise = rounding_residual_noise(x, distribution, mask=in_range)
+        boundary = torch.clamp(x, qmin, qmax) - zero_point  # integer offsets of the clipped elements
+    return torch.where(in_range, t + scale * noise, boundary * scale)
 
 
 def _affine_from_range(

@@ -100,4 +100,5 @@ def quantize_one(cfg: DictConfig, dm, recipe: Recipe, source_folded: torch.nn.Mo
     return run.finish({"stage": "quantize", "method": recipe.method, "w_bits": recipe.w_bits,
                        "a_bits": recipe.a_bits, "target": target, "fingerprints": fingerprints(cfg),
                        "fp_acc": fp_acc, "quant_acc": quant_acc, "seconds": seconds,
-                       "iterations": module.total_iters, "recipe": recipe.to_dict()})
+                       "iterations": module.total_iters, "device": str(trainer.strategy.root_device),
+                       "recipe": recipe.to_dict()})
