@@ -141,6 +141,7 @@ def main() -> None:
         print(units[-1], flush=True)
     finish_s = stamps[-1][4] - previous_end  # the last step, finalising the model, the Trainer's teardown
     extrapolated += finish_s
+    cuda = args.device == "cuda"
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "args": vars(args),
               "wall_seconds": round(wall, 1),
               "extrapolated_minutes": round(extrapolated / 60, 2),

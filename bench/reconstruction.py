@@ -12,7 +12,8 @@ every stage, head) with random timm weights, 224 px, batch 32 and 1024 calibrati
 It reports ms per iteration (HDRQ: in its noise mode and in its final fake-quant mode), the cache + calibration
 time of the unit, the time of the first steps (compilation and capture), the peak GPU memory, the whole-model
 time extrapolated to 20,000 iterations per unit (BRECQ: + 5,000 activation iterations; HDRQ: 16,500 noise +
-3,500 fake-quant) and the arithmetic floor: the unit's forward+backward FLOPs over the GPU's measured matmul
+3,500 fake-quant; every unit is charged its type's first steps, i.e. a cold compilation each: an upper bound,
+bench/full_run.py measures the real one-off costs) and the arithmetic floor: the unit's forward+backward FLOPs over the GPU's measured matmul
 throughput. Writes <out>/reconstruction.json and <out>/reconstruction.md.
 """
 

@@ -156,3 +156,16 @@ def test_every_runtime_option_is_in_the_config(compose_cfg):
     cfg = compose_cfg("quantize")
     assert set(cfg.quant.runtime) == {f.name for f in dataclasses.fields(Runtime)}
     assert Runtime.from_config(cfg.quant.runtime) == Runtime()
+
+
+def test_checkpoints_store_plain_learning_rates(setup):
+    """A captured step keeps its lr in a device tensor; the checkpoint keeps a number (loads anywhere)."""
+    recipe = Recipe(iters=4, batch_size=4, method="qdrop")
+    module = _engine(setup, recipe, Runtime())
+    group = module._active[0]
+    group["lr"] = torch.tensor(0.25)  # as on the CUDA-graph path
+    checkpoint = {"optimizer_states": [module._optimizer.state_dict()]}
+    module.on_save_checkpoint(checkpoint)
+    saved = [g["lr"] for g in checkpoint["optimizer_states"][0]["param_groups"]]
+    assert all(isinstance(lr, float) for lr in saved) and 0.25 in saved
+    assert isinstance(group["lr"], torch.Tensor)  # the live group is untouched

@@ -617,6 +617,11 @@ class ReconstructionModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["reconstruction"] = {"recipe": self.recipe.to_dict(), "step_count": self._step}
+        # A captured step's lr lives in a device tensor: store plain numbers (the groups saved are copies)
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state.get("param_groups", []):
+                if isinstance(group.get("lr"), torch.Tensor):
+                    group["lr"] = float(group["lr"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("reconstruction")
