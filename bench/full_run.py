@@ -24,14 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.reconstruction import PATHS, PRESETS  # noqa: E402
-from hdrq_lightning.callbacks import CosineWarmup, DistanceRegularizer, NoiseToFakeQuantSwitch  # noqa: E402
-from hdrq_lightning.models.shot import build_shot_net  # noqa: E402
-from hdrq_lightning.quant.fold import fold_batch_norm  # noqa: E402
-from hdrq_lightning.quant.modules import quantize_model  # noqa: E402
+from bench.reconstruction import PATHS, PRESETS, build_engine  # noqa: E402
 from hdrq_lightning.quant.recipe import Recipe  # noqa: E402
 from hdrq_lightning.quant.reconstruction import ReconstructionModule  # noqa: E402
-from hdrq_lightning.stages.quantize import quant_config  # noqa: E402
 
 FIRST_STEPS = 5  # steps after a unit start or a mode switch counted as one-off (warmup, compile, capture)
 
@@ -77,28 +72,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench/full_run.py needs a CUDA GPU (or --device cpu for a smoke run).")
-    torch.manual_seed(0)
-    runtime = PATHS[args.path]
-    runtime.steps_per_batch = args.steps_per_batch
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = runtime.tf32
-    fp = fold_batch_norm(build_shot_net(args.model, 65).eval())
-    preset = dict(PRESETS[args.method])
-    recipe = Recipe(method=args.method, w_bits=4, a_bits=4, iters=args.iters, act_iters=max(1, args.iters // 4),
-                    batch_size=args.batch, checkpoint_every=args.steps_per_batch * 10, **preset)
+    module, callbacks = build_engine(args.model, args.method, args.path, args.calibration, args.image,
+                                     iters=args.iters, act_iters=max(1, args.iters // 4), batch_size=args.batch,
+                                     checkpoint_every=args.steps_per_batch * 10,
+                                     steps_per_batch=args.steps_per_batch)
+    recipe = module.recipe
     # the noise switch keeps the paper's proportion (16,500 noise + 3,500 fake-quant of 20,000)
     switch = recipe.noise.switch_iteration(args.iters) if recipe.noise.enabled else 0
     if min(switch, args.iters - switch) < 2 * FIRST_STEPS and recipe.noise.enabled or args.iters < 2 * FIRST_STEPS:
         raise SystemExit(f"--iters {args.iters} leaves too few steady steps around the noise switch; use >= 100.")
-    quant = quantize_model(fp, quant_config(recipe))
-    calibration = torch.randn(args.calibration, 3, args.image, args.image)
-    module = ReconstructionModule(fp, quant, calibration, recipe, runtime=runtime)
-    callbacks = [CosineWarmup(recipe.warmup_fraction), NoiseToFakeQuantSwitch(recipe.noise)]
-    if recipe.distance_weight > 0:
-        callbacks.append(DistanceRegularizer({k: v for k, v in fp.state_dict().items() if k.endswith("weight")},
-                                             recipe.distance_weight))
     timer = UnitTimer(module, recipe)  # a step hook: runs before the callbacks' hooks (host work only)
-    trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, max_epochs=math.ceil(module.total_iters / recipe.checkpoint_every),
                         callbacks=callbacks)
     started = time.perf_counter()

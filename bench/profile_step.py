@@ -8,7 +8,6 @@ Steps run uncaptured (the graph would hide its kernels from the profiler) after 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -17,14 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.reconstruction import PATHS, PRESETS  # noqa: E402
-from hdrq_lightning.callbacks import CosineWarmup  # noqa: E402
-from hdrq_lightning.models.shot import build_shot_net  # noqa: E402
-from hdrq_lightning.quant.fold import fold_batch_norm  # noqa: E402
-from hdrq_lightning.quant.modules import quantize_model  # noqa: E402
-from hdrq_lightning.quant.recipe import Recipe  # noqa: E402
-from hdrq_lightning.quant.reconstruction import ReconstructionModule  # noqa: E402
-from hdrq_lightning.stages.quantize import quant_config  # noqa: E402
+from bench.reconstruction import PATHS, PRESETS, build_engine, drive_directly  # noqa: E402
 
 
 def main() -> None:
@@ -38,20 +30,15 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--calibration", type=int, default=256)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    runtime = dataclasses.replace(PATHS[args.path], cuda_graphs=False)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = runtime.tf32
-    fp = fold_batch_norm(build_shot_net(args.model, 65).eval())
-    recipe = Recipe(method=args.method, iters=20000, batch_size=32, **PRESETS[args.method])
-    quant = quantize_model(fp, quant_config(recipe))
-    module = ReconstructionModule(fp, quant, torch.randn(args.calibration, 3, 224, 224), recipe,
-                                  runtime=runtime).cuda()
-    module.configure_optimizers()
-    CosineWarmup(recipe.warmup_fraction).attach(module)
-    block = module.block_names.index(args.unit)
-    module._step = next(p for p in module.plan if p.block == block).start
+    module, callbacks = build_engine(args.model, args.method, args.path, args.calibration, iters=20000,
+                                     batch_size=32, cuda_graphs=False)
+    module = drive_directly(module, callbacks, "cuda")
+    phase = next(p for p in module.plan if p.block == module.block_names.index(args.unit))
+    noise = module.recipe.noise
+    # the noise switch (a step hook) sets the mode from the iteration: start where the wanted mode runs
+    switch = noise.switch_iteration(phase.iters) if args.mode == "nearest" and noise.enabled else 0
+    module._step = phase.start + switch
     module._enter_phase()
-    module.set_block_modes(weight=args.mode, activation=args.mode)
     for _ in range(5):
         module.reconstruction_step()
     torch.cuda.synchronize()

@@ -20,18 +20,20 @@ throughput. Writes <out>/reconstruction.json and <out>/reconstruction.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hdrq_lightning.callbacks import CosineWarmup, NoiseToFakeQuantSwitch  # noqa: E402
+from hdrq_lightning.callbacks import CosineWarmup, DistanceRegularizer, NoiseToFakeQuantSwitch  # noqa: E402
 from hdrq_lightning.models.shot import build_shot_net  # noqa: E402
 from hdrq_lightning.quant.fold import fold_batch_norm  # noqa: E402
 from hdrq_lightning.quant.modules import quantize_model  # noqa: E402
@@ -92,16 +94,40 @@ def unit_flops(module: ReconstructionModule) -> int:
     return counter.get_total_flops()
 
 
-def bench_model(args: argparse.Namespace, model_name: str, method: str, path: str, floor_tflops: float) -> dict:
+def build_engine(model_name: str, method: str, path: str, calibration: int, image: int = 224,
+                 **overrides: Any) -> tuple[ReconstructionModule, list]:
+    """The engine on a random-weight timm model (W4A4, seed 0) and its callbacks (lr schedule, noise switch,
+    distance regulariser). ``overrides`` set Recipe fields and Runtime fields (on top of the path's runtime)."""
     torch.manual_seed(0)
-    runtime = PATHS[path]
+    runtime_fields = {f.name for f in dataclasses.fields(Runtime)}
+    runtime = dataclasses.replace(PATHS[path], **{k: v for k, v in overrides.items() if k in runtime_fields})
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = runtime.tf32
     fp = fold_batch_norm(build_shot_net(model_name, 65).eval())
-    recipe = Recipe(method=method, w_bits=4, a_bits=4, iters=20000, batch_size=args.batch, **PRESETS[method])
-    quant = quantize_model(fp, quant_config(recipe))
-    calibration = torch.randn(args.calibration, 3, args.image, args.image)
-    module = ReconstructionModule(fp, quant, calibration, recipe, runtime=runtime).to(args.device)
+    recipe = Recipe(method=method, w_bits=4, a_bits=4, **PRESETS[method],
+                    **{k: v for k, v in overrides.items() if k not in runtime_fields})
+    module = ReconstructionModule(fp, quantize_model(fp, quant_config(recipe)),
+                                  torch.randn(calibration, 3, image, image), recipe, runtime=runtime)
+    callbacks = [CosineWarmup(recipe.warmup_fraction), NoiseToFakeQuantSwitch(recipe.noise)]
+    if recipe.distance_weight > 0:
+        callbacks.append(DistanceRegularizer({k: v for k, v in fp.state_dict().items() if k.endswith("weight")},
+                                             recipe.distance_weight))
+    return module, callbacks
+
+
+def drive_directly(module: ReconstructionModule, callbacks: list, device: str) -> ReconstructionModule:
+    """Prepare ``module`` to be stepped without a Trainer, with its callbacks' step hooks and loss terms."""
+    module = module.to(device)
     module.configure_optimizers()
+    for callback in callbacks:
+        callback.attach(module)
+    return module
+
+
+def bench_model(args: argparse.Namespace, model_name: str, method: str, path: str, floor_tflops: float) -> dict:
+    module, callbacks = build_engine(model_name, method, path, args.calibration, args.image, iters=20000,
+                                     batch_size=args.batch)
+    module = drive_directly(module, callbacks, args.device)
+    recipe = module.recipe
     counts = Counter()
     first_unit: dict[str, int] = {}
     for index, name in enumerate(module.block_names):
@@ -110,8 +136,6 @@ def bench_model(args: argparse.Namespace, model_name: str, method: str, path: st
         kind = unit_type(name, position)
         counts[kind] += 1
         first_unit.setdefault(kind, index)
-    CosineWarmup(recipe.warmup_fraction).attach(module)
-    NoiseToFakeQuantSwitch(recipe.noise).attach(module)
     modes = ["noise", "nearest"] if recipe.noise.enabled else ["nearest"]
     rows = {}
     for kind, block in first_unit.items():

@@ -9,12 +9,11 @@ import math
 import lightning as L
 import pytest
 import torch
+from engines import started_engine, tiny_model_and_calibration
 
 from hdrq_lightning.callbacks import CosineWarmup, NoiseToFakeQuantSwitch
 from hdrq_lightning.errors import ConfigError
-from hdrq_lightning.models.shot import build_shot_net
 from hdrq_lightning.quant.cache import cache_budget_bytes
-from hdrq_lightning.quant.fold import fold_batch_norm
 from hdrq_lightning.quant.modules import quantize_model
 from hdrq_lightning.quant.quantizers import ActivationQuantizer
 from hdrq_lightning.quant.recipe import NoiseRecipe, Recipe, Runtime, WeightRecipe
@@ -28,19 +27,11 @@ HDRQ = dict(method="hdrq", distance_weight=0.0, noise=NoiseRecipe(enabled=True),
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    fp = fold_batch_norm(build_shot_net("resnet_tiny", 10).eval())
-    calibration = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    return fp, calibration
+    return tiny_model_and_calibration()
 
 
 def _engine(setup, recipe: Recipe, runtime: Runtime) -> ReconstructionModule:
-    fp, calibration = setup
-    module = ReconstructionModule(fp, quantize_model(fp, quant_config(recipe)), calibration, recipe, runtime=runtime)
-    CosineWarmup(recipe.warmup_fraction).attach(module)
-    NoiseToFakeQuantSwitch(recipe.noise).attach(module)
-    module.start()
-    return module
+    return started_engine(*setup, recipe, runtime)
 
 
 def _drive(module: ReconstructionModule) -> list[float]:
@@ -169,3 +160,18 @@ def test_checkpoints_store_plain_learning_rates(setup):
     saved = [g["lr"] for g in checkpoint["optimizer_states"][0]["param_groups"]]
     assert all(isinstance(lr, float) for lr in saved) and 0.25 in saved
     assert isinstance(group["lr"], torch.Tensor)  # the live group is untouched
+
+
+def test_device_learning_rates_are_written_only_when_they_change(setup):
+    """The schedule writes a captured step's lr tensor in place, and skips the write (a kernel launch per step
+    on a GPU) when the value is unchanged, as for constant schedules."""
+    module = _engine(setup, Recipe(iters=4, batch_size=4, method="qdrop"), Runtime())
+    group = module._active[0]
+    group["lr"] = torch.tensor(0.0)
+    module.set_lr(group, 0.5)
+    assert group["lr"].item() == 0.5
+    group["lr"].fill_(9.0)  # a write the engine does not know about
+    module.set_lr(group, 0.5)  # unchanged: skipped
+    assert group["lr"].item() == 9.0
+    module.set_lr(group, 0.25)
+    assert group["lr"].item() == 0.25

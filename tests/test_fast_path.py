@@ -3,19 +3,13 @@ path computes."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import pytest
 import torch
+from engines import started_engine, tiny_model_and_calibration
 
-from hdrq_lightning.callbacks import CosineWarmup, NoiseToFakeQuantSwitch
-from hdrq_lightning.models.shot import build_shot_net
-from hdrq_lightning.quant.fold import fold_batch_norm
-from hdrq_lightning.quant.modules import quantize_model
 from hdrq_lightning.quant.recipe import ActivationRecipe, NoiseRecipe, Recipe, Runtime, WeightRecipe
-from hdrq_lightning.quant.reconstruction import ReconstructionModule
-from hdrq_lightning.stages.quantize import quant_config
 
 CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 DEVICES = [pytest.param("cpu", marks=pytest.mark.slow), pytest.param("cuda", marks=CUDA)]
@@ -27,23 +21,15 @@ def hdrq_recipe(noise: bool, iters: int = 8) -> Recipe:
                                       schedule="warmup_cosine"))
 
 
-def drive(fp, quant, calibration, recipe, runtime, device, steps):
-    module = ReconstructionModule(fp, quant, calibration, recipe, runtime=runtime).to(device)
-    CosineWarmup(recipe.warmup_fraction).attach(module)
-    NoiseToFakeQuantSwitch(recipe.noise).attach(module)
-    module.start()
+def drive(recipe, runtime, device, steps):
+    module = started_engine(*tiny_model_and_calibration(), recipe, runtime, device)
     losses = [module.reconstruction_step()[0].item() for _ in range(steps)]
     return module, losses
 
 
 def compare(recipe, runtime, device, steps=20, tolerance=1e-3, state_atol=1e-4, reference=None):
-    torch.manual_seed(0)
-    fp = fold_batch_norm(build_shot_net("resnet_tiny", 10).eval())
-    quant = quantize_model(fp, quant_config(recipe))
-    calibration = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    expected, expected_losses = drive(fp, copy.deepcopy(quant), calibration, recipe, reference or Runtime(), device,
-                                      steps)
-    fast, fast_losses = drive(fp, copy.deepcopy(quant), calibration, recipe, runtime, device, steps)
+    expected, expected_losses = drive(recipe, reference or Runtime(), device, steps)
+    fast, fast_losses = drive(recipe, runtime, device, steps)
     assert fast_losses == pytest.approx(expected_losses, rel=tolerance, abs=1e-5)
     eager_state, fast_state = expected.quant_model.state_dict(), fast.quant_model.state_dict()
     for key in eager_state:

@@ -22,7 +22,11 @@ class DistanceRegularizer(Callback):
         self.weight = weight
 
     def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
-        pl_module.loss_terms["distance"] = self.penalty
+        self.attach(pl_module)
+
+    def attach(self, engine: Any) -> None:
+        """Add the penalty to the engine's loss (also when the engine is driven without a Trainer)."""
+        engine.loss_terms["distance"] = self.penalty
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.source_weights = {k: v.to(pl_module.device) for k, v in self.source_weights.items()}

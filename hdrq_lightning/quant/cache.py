@@ -37,7 +37,6 @@ def check_cache_device(cache_device: str) -> None:
 
 def cache_budget_bytes(device: torch.device, cache_device: str, budget_gib: float | None) -> float:
     """Bytes of the unit cache allowed on ``device`` ("host": none; the CPU: no limit unless one is given)."""
-    check_cache_device(cache_device)
     if cache_device == "host":
         return 0.0
     if cache_device == "device":
@@ -49,6 +48,20 @@ def cache_budget_bytes(device: torch.device, cache_device: str, budget_gib: floa
     free, _ = torch.cuda.mem_get_info(device)
     reusable = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return AUTO_BUDGET_FRACTION * (free + reusable)
+
+
+@dataclass
+class CacheBudget:
+    """Device bytes left for a unit's cache; each tensor goes to the device while it fits."""
+
+    left: float
+
+    def place(self, nbytes: int, keep: bool) -> bool:
+        """Whether ``nbytes`` go to the device; ``keep``: they stay for the unit (intermediates do not count)."""
+        fits = nbytes <= self.left
+        if fits and keep:
+            self.left -= nbytes
+        return fits
 
 
 @dataclass
@@ -96,15 +109,14 @@ class UnitCache:
         rows = tensor.as_strided((len(tensor), row), (row, 1)).index_select(0, indices)
         return rows.as_strided((len(indices), *tensor.shape[1:]), tensor.stride())
 
-    def gather_host(self, name: str, indices: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows ``indices`` (a device tensor) of a host-resident tensor, delivered on the device.
+    def gather_host(self, name: str, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``rows`` (a CPU index tensor) of a host-resident tensor, delivered on the device.
 
-        The indices come to the host (a sync: the previous step's copies are complete, so one staging buffer
-        is never overwritten while in flight), the rows are gathered into pinned memory and copied without
-        blocking, into ``out`` when given (a CUDA graph's static input).
+        The rows are gathered into pinned memory and copied without blocking, into ``out`` when given (a CUDA
+        graph's static input). Bringing the indices to the host synchronised with the previous step, whose
+        copies are therefore complete: one staging buffer is never overwritten while in flight.
         """
         host = self.tensor(name)
-        rows = indices.to("cpu")
         staging = self._staging.get(name)
         if staging is None or staging.shape[0] != len(rows):
             staging = torch.empty((len(rows), *host.shape[1:]), dtype=host.dtype,

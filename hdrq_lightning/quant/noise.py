@@ -28,11 +28,11 @@ def residual_histogram(x: Tensor, bins: int = 256, mask: Tensor | None = None) -
     on a ReLU output on an H100). The counts are those of ``torch.histc`` on the masked residuals.
     """
     residuals = (x - torch.round(x)).float()
-    counted = residuals != 0 if mask is None else mask & (residuals != 0)
+    nonzero = residuals != 0
+    counted, zeros = (nonzero, ~nonzero) if mask is None else (mask & nonzero, mask & ~nonzero)
     # histc has no weights: send the elements not counted outside [-1/2, 1/2], where histc ignores them.
     counts = torch.histc(torch.where(counted, residuals, torch.full_like(residuals, 2.0)), bins=bins, min=-0.5,
                          max=0.5)
-    zeros = (residuals == 0) if mask is None else mask & (residuals == 0)
     counts[bins // 2] += zeros.sum(dtype=counts.dtype)  # histc's bin of 0: floor((0 - min) * bins / (max - min))
     return counts
 

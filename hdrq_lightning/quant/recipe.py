@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from hdrq_lightning.errors import ConfigError
+from hdrq_lightning.quant.cache import check_cache_device
 
 PASSES = ("joint", "weights", "activations")
 ROUNDINGS = ("adaround", "latent", "nearest")
@@ -68,8 +69,6 @@ class Runtime:
     log_every: int = 25               # iterations between logged losses (each log is a device sync)
 
     def __post_init__(self) -> None:
-        from hdrq_lightning.quant.cache import check_cache_device
-
         check_cache_device(self.cache_device)
         for name in ("steps_per_batch", "log_every"):
             if getattr(self, name) < 1:

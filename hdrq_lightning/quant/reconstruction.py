@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from hdrq_lightning.errors import ArtifactError, ConfigError
 from hdrq_lightning.quant.blocks import reconstruction_blocks
-from hdrq_lightning.quant.cache import UnitCache, allocate, cache_budget_bytes
+from hdrq_lightning.quant.cache import CacheBudget, UnitCache, allocate, cache_budget_bytes
 from hdrq_lightning.quant.modules import activation_quantizers, calibrate_activations, quant_layers
 from hdrq_lightning.quant.recipe import Recipe, Runtime
 
@@ -120,6 +120,7 @@ class ReconstructionModule(L.LightningModule):
         self._applied_modes: tuple[str | None, str | None] | None = None
         self._mode_version = 0
         self._scalars: dict[str, float] = {}
+        self._lr_values: dict[int, float] = {}  # last value written to each device lr tensor
         self._graph: _StepGraph | None = None
         if self.recipe.checkpoint_every % self.runtime.steps_per_batch:
             raise ConfigError(f"quant.checkpoint_every ({recipe.checkpoint_every}) must be a multiple of "
@@ -174,7 +175,7 @@ class ReconstructionModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------- caching
     @torch.no_grad()
-    def _run(self, block: nn.Module, inputs: torch.Tensor, budget: list[float], keep: bool
+    def _run(self, block: nn.Module, inputs: torch.Tensor, budget: CacheBudget, keep: bool
              ) -> tuple[torch.Tensor, bool]:
         """``block`` over ``inputs`` in chunks, into a tensor on the device when it fits ``budget`` (else host).
 
@@ -187,10 +188,7 @@ class ReconstructionModule(L.LightningModule):
             result = block(chunk)
             if output is None:
                 shape = (len(inputs), *result.shape[1:])
-                nbytes = math.prod(shape) * result.element_size()
-                on_device = nbytes <= budget[0]
-                if on_device and keep:
-                    budget[0] -= nbytes
+                on_device = budget.place(math.prod(shape) * result.element_size(), keep)
                 layout = torch.channels_last if self.runtime.channels_last and result.dim() == 4 \
                     else torch.contiguous_format
                 output = allocate(shape, result.dtype, self.device, on_device, layout)
@@ -202,11 +200,12 @@ class ReconstructionModule(L.LightningModule):
         was_training = self.quant_model.training
         self.quant_model.eval()
         previous, self._cache = self._cache, None
-        budget = [cache_budget_bytes(self.device, self.runtime.cache_device, self.runtime.cache_budget_gib)]
+        budget = CacheBudget(cache_budget_bytes(self.device, self.runtime.cache_device, self.runtime.cache_budget_gib))
         if previous is not None and previous.pass_name == phase.pass_name and previous.block == phase.block - 1:
             fp_input, fp_on_device = previous.fp_target, previous.on_device("fp_target")  # carried forward
             if fp_on_device and self.runtime.cache_budget_gib is not None:
-                budget[0] -= fp_input.numel() * fp_input.element_size()
+                # a fixed budget counts it; the automatic one measured free memory with it already allocated
+                budget.left -= fp_input.numel() * fp_input.element_size()
             quant_input, quant_on_device = self._run(self.quant_blocks[phase.block - 1], previous.quant_input,
                                                      budget, keep=True)
         else:
@@ -268,7 +267,9 @@ class ReconstructionModule(L.LightningModule):
                     state["step"] = state["step"].to(self.device, torch.float32)
             if self._graphs_enabled():
                 # the captured Adam step reads its lr from a device tensor that the schedule updates in place
-                group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+                value = float(group["lr"])
+                group["lr"] = torch.tensor(value, device=self.device)
+                self._lr_values[id(group["lr"])] = value
         self._release_graph()
         self._applied_modes, self._mode_version = None, self._mode_version + 1
         self._entered = phase
@@ -328,6 +329,7 @@ class ReconstructionModule(L.LightningModule):
                 quantizer.drop_prob = 0.0
                 quantizer.set_mode("nearest")
         self._release_graph()
+        self._lr_values.clear()
         for group in self.active_groups(phase):
             group["lr"] = float(group["lr"])
             for param in group["params"]:
@@ -368,11 +370,14 @@ class ReconstructionModule(L.LightningModule):
             self._enter_phase()
 
     def set_lr(self, group: dict[str, Any], lr: float) -> None:
-        """Set a param group's learning rate (in place when it is a captured step's device tensor)."""
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
-        else:
+        """Set a param group's learning rate (in place, and only when it changes, for a captured step's device
+        tensor)."""
+        current = group["lr"]
+        if not isinstance(current, torch.Tensor):
             group["lr"] = lr
+        elif self._lr_values.get(id(current)) != lr:
+            current.fill_(lr)
+            self._lr_values[id(current)] = lr
 
     def _set_scalar(self, name: str, value: float) -> None:
         """Write a device scalar read by the step (a new value is no new graph); skipped when unchanged."""
@@ -449,12 +454,12 @@ class ReconstructionModule(L.LightningModule):
     def _host_rows(self, pass_name: str, indices: torch.Tensor,
                    static: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """This rank's rows of the host-resident cache tensors, on the device (into ``static`` when given)."""
-        local, rows = indices[self._local_slice()], {}
-        for name in self._needed(pass_name):
-            if not self._cache.on_device(name):
-                out = None if static is None else static.get(name)
-                rows[name] = self._cache.gather_host(name, local, out=out)
-        return rows
+        names = [name for name in self._needed(pass_name) if not self._cache.on_device(name)]
+        if not names:
+            return {}
+        local = indices[self._local_slice()].to("cpu")  # one sync per step, only with a host-resident cache
+        return {name: self._cache.gather_host(name, local, out=None if static is None else static.get(name))
+                for name in names}
 
     def _batch(self, pass_name: str, indices: torch.Tensor, host_rows: dict[str, torch.Tensor], local: slice
                ) -> tuple[torch.Tensor, torch.Tensor]:
