@@ -9,7 +9,12 @@ from scipy import stats
 
 from hdrq_lightning.errors import ConfigError
 from hdrq_lightning.quant.noise import residual_histogram, rounding_residual_noise
-from hdrq_lightning.quant.quantizers import ActivationQuantizer, WeightQuantizer, fake_quantize_noise
+from hdrq_lightning.quant.quantizers import (
+    ActivationQuantizer,
+    WeightQuantizer,
+    fake_quantize_noise,
+    flatten_in_memory_order,
+)
 
 torch.set_num_threads(1)
 
@@ -139,6 +144,39 @@ def test_lsq_activation_step_gradient_is_scaled() -> None:
     quantizer(x).sum().backward()
     raw = sum((15.0 if v / 0.25 > 15 else round(v / 0.25) - v / 0.25) for v in x.flatten().tolist())
     assert quantizer.scale.grad.item() == pytest.approx(raw / math.sqrt(x.numel() * 15), abs=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided_slice", "scalar"])
+def test_memory_order_view_is_a_view_in_memory_order_and_restores_the_layout(layout: str) -> None:
+    base = torch.randn(2, 3, 4, 5)
+    t = {"nchw": base, "channels_last": base.contiguous(memory_format=torch.channels_last),
+         "strided_slice": base[:, ::2], "scalar": torch.tensor(1.5)}[layout]
+    flat, restore = flatten_in_memory_order(t)
+    assert flat.dim() == 1 and flat.numel() == t.numel()
+    restored = restore(flat * 2)
+    torch.testing.assert_close(restored, t * 2, rtol=0, atol=0)
+    if layout != "strided_slice":  # dense: a view whose order is the storage's
+        assert flat.data_ptr() == t.data_ptr() and restored.stride() == t.stride()
+        torch.testing.assert_close(flat, t.as_strided((t.numel(),), (1,)), rtol=0, atol=0)
+
+
+def test_activation_quantizer_is_layout_independent_in_nearest_mode() -> None:
+    """Channels-last input: the same output, input gradient and step gradient as NCHW (the quantizer reduces
+    over its memory-order view)."""
+    torch.manual_seed(9)
+    x = torch.randn(2, 8, 5, 5).relu()
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        quantizer = ActivationQuantizer(4)
+        quantizer.init_range(x, search="minmax")
+        quantizer.set_mode("nearest")
+        inp = x.clone().contiguous(memory_format=layout).requires_grad_()
+        out = quantizer(inp)
+        assert out.is_contiguous(memory_format=layout)
+        (out * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
+        results.append((out.detach(), inp.grad, quantizer.scale.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
 
 
 def test_adaround_init_harden_and_regularizer() -> None:

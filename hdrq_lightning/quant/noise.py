@@ -2,13 +2,16 @@
 
 Instead of rounding, the noise forward adds ``eps`` to the scaled tensor, with ``eps`` drawn from the
 distribution of the tensor's own rounding residuals ``x - round(x)`` (official code: a 256-bin histogram
-over [-1/2, 1/2]) or from the paper's idealisation U[-1/2, 1/2]. All randomness uses torch's global RNG.
+over [-1/2, 1/2]) or from the paper's idealisation U[-1/2, 1/2]. All randomness uses torch's global RNG, one
+draw per element in the logical order of the tensor given (the activation quantizer passes its input's memory-order
+view, so channels-last and NCHW runs draw different, equally distributed noise).
 """
 
 import torch
 from torch import Tensor
 
 from hdrq_lightning.errors import ConfigError
+from hdrq_lightning.quant import kernels
 
 NOISE_DISTRIBUTIONS: tuple[str, ...] = ("histogram", "uniform")
 
@@ -19,14 +22,10 @@ _EMPTY_BIN_WEIGHT = 1e-6
 _QUANTILE_SLOTS = 1 << 16
 
 
-@torch.no_grad()
-def residual_histogram(x: Tensor, bins: int = 256, mask: Tensor | None = None) -> Tensor:
-    """``bins``-bin histogram over [-1/2, 1/2] of ``x - round(x)`` where ``mask`` (all elements when None).
-
-    Exact zeros (every element on the grid: after a ReLU, half of a tensor) are counted by a reduction and
-    added to the bin of 0 afterwards: ``torch.histc``'s atomic increments serialise on one hot bin (10x slower
-    on a ReLU output on an H100). The counts are those of ``torch.histc`` on the masked residuals.
-    """
+@torch.library.custom_op("hdrq::residual_histogram", mutates_args=())
+def _residual_histogram(x: Tensor, bins: int, mask: Tensor | None) -> Tensor:
+    if kernels.available(x) and bins & (bins - 1) == 0:
+        return kernels.residual_histogram(x, bins, mask)
     residuals = (x - torch.round(x)).float()
     nonzero = residuals != 0
     counted, zeros = (nonzero, ~nonzero) if mask is None else (mask & nonzero, mask & ~nonzero)
@@ -35,6 +34,23 @@ def residual_histogram(x: Tensor, bins: int = 256, mask: Tensor | None = None) -
                          max=0.5)
     counts[bins // 2] += zeros.sum(dtype=counts.dtype)  # histc's bin of 0: floor((0 - min) * bins / (max - min))
     return counts
+
+
+@_residual_histogram.register_fake
+def _(x: Tensor, bins: int, mask: Tensor | None) -> Tensor:
+    return x.new_empty(bins, dtype=torch.float32)
+
+
+@torch.no_grad()
+def residual_histogram(x: Tensor, bins: int = 256, mask: Tensor | None = None) -> Tensor:
+    """``bins``-bin histogram over [-1/2, 1/2] of ``x - round(x)`` where ``mask`` (all elements when None).
+
+    The counts are those of ``torch.histc`` on the masked residuals. On CUDA (power-of-two ``bins``) one Triton
+    kernel counts them (quant/kernels.py); elsewhere exact zeros (every element on the grid: after a ReLU, half of a
+    tensor) are counted by a reduction and added to the bin of 0 afterwards, as histc's atomic increments
+    serialise on one hot bin (10x slower on a ReLU output on an H100). An opaque op for torch.compile.
+    """
+    return _residual_histogram(x, bins, mask)
 
 
 @torch.no_grad()
@@ -54,7 +70,7 @@ def rounding_residual_noise(
     ``searchsorted``) the cost is one gather per element, with no host sync, so it can be graph-captured.
     """
     if distribution == "uniform":
-        return torch.rand(x.shape, device=x.device, dtype=x.dtype) - 0.5  # logical order: layout-independent
+        return torch.rand(x.shape, device=x.device, dtype=x.dtype) - 0.5
     if distribution != "histogram":
         raise ConfigError(f"Unknown noise distribution {distribution!r}; use one of {NOISE_DISTRIBUTIONS}.")
     counts = residual_histogram(x, bins, mask)

@@ -7,6 +7,7 @@ shape is only known after initialisation (per-channel scales, AdaRound ``alpha``
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +64,22 @@ class _ScaleGradient(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
+def flatten_in_memory_order(t: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``t`` as a 1-D view in the order of its memory, and the map from such a 1-D tensor back to ``t``'s layout.
+
+    Per-tensor quantizers reduce over every element (the step's gradient, HDRQ's histogram). Inductor compiles a
+    full reduction of a channels-last tensor in logical (NCHW) order, i.e. with loads strided by the channel count:
+    1.07 ms for one 32x256x56x56 step gradient on an H100, against tens of microseconds on the memory-order view.
+    For an NCHW-contiguous tensor the view is ``t.view(-1)``. A tensor with gaps (a strided slice) is copied.
+    """
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # stable: size-1 dims keep their place
+    permuted = t.permute(order)
+    if not permuted.is_contiguous():
+        return t.reshape(-1), lambda flat: flat.view(t.shape)
+    inverse = [order.index(d) for d in range(t.dim())]
+    return permuted.reshape(-1), lambda flat: flat.view(permuted.shape).permute(inverse)
+
+
 def fake_quantize_nearest(t: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
     """Round-to-nearest fake quantization with LSQ gradients (straight-through inside the clip range)."""
     x = torch.clamp(t / scale + zero_point, qmin, qmax)
@@ -74,16 +91,17 @@ def fake_quantize_noise(
 ) -> Tensor:
     """HDRQ noise quantization: clipped elements pinned to the boundary, the others get detached noise.
 
-    ``((t / s + z + eps) - z) * s`` is written ``t + s * eps`` (and the clipped ``(clamp - z) * s``), so autograd
-    gives the closed forms d/dt = 1 (in range), d/ds = eps (in range) or clamp - z (clipped): the same gradients
-    without differentiating through ``t / s`` (whose step-gradient reduction compiles to a slow kernel).
+    ``((t / s + z + eps) - z) * s`` is written ``where(in range, t, 0) + s * e`` with ``e`` the noise in range and
+    the clipped element's integer offset ``clamp(t / s + z) - z`` outside: the same values and gradients
+    (d/dt = 1 in range, d/ds = e) without differentiating through ``t / s`` (whose step-gradient reduction
+    compiles to a slow kernel), and the backward keeps one tensor ``e`` instead of the noise and the offsets.
     """
     with torch.no_grad():
         x = t / scale + zero_point
         in_range = (x >= qmin) & (x <= qmax)
         noise = rounding_residual_noise(x, distribution, mask=in_range)
-        boundary = torch.clamp(x, qmin, qmax) - zero_point  # integer offsets of the clipped elements
-    return torch.where(in_range, t + scale * noise, boundary * scale)
+        offset = torch.where(in_range, noise, torch.clamp(x, qmin, qmax) - zero_point)
+    return torch.where(in_range, t, torch.zeros((), dtype=t.dtype, device=t.device)) + scale * offset
 
 
 def _affine_from_range(
@@ -414,13 +432,17 @@ class ActivationQuantizer(_Quantizer):
             raise ConfigError("ActivationQuantizer is not calibrated; run calibrate_activations first.")
         scale = _ScaleGradient.apply(self.effective_scale(), 1.0 / math.sqrt(x.numel() * self.qmax))
         # Grid arithmetic in float32 also under bf16 autocast (bf16 cannot tell 8-bit codes apart above 128).
+        # on the memory-order view: the reductions over all elements read memory contiguously (and HDRQ's noise
+        # is drawn per element in memory order)
         x32 = x.float()
+        flat, restore = flatten_in_memory_order(x32)
         if self._mode == "nearest":
-            quantized = fake_quantize_nearest(x32, scale, self.zero_point, self.qmin, self.qmax)
+            quantized = fake_quantize_nearest(flat, scale, self.zero_point, self.qmin, self.qmax)
         else:
             quantized = fake_quantize_noise(
-                x32, scale, self.zero_point, self.qmin, self.qmax, self._noise_distribution
+                flat, scale, self.zero_point, self.qmin, self.qmax, self._noise_distribution
             )
+        quantized = restore(quantized)
         if self.training and self.drop_prob > 0:
             # torch.rand (not rand_like) draws in logical order, so NCHW and channels-last runs drop alike
             quantized = torch.where(torch.rand(x.shape, device=x.device) < self.drop_prob, x32, quantized)
