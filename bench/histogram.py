@@ -46,6 +46,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[6_422_528, 25_690_112])
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--configs", nargs="+", default=["2048x8x4"],
+                        help="Triton launch choices BLOCKxWARPSxPROGRAMS_PER_SM to time")
     args = parser.parse_args()
     print(torch.cuda.get_device_name())
     for size in args.sizes:
@@ -53,9 +55,15 @@ def main() -> None:
         mask = torch.rand(size, device="cuda") < 0.9
         assert torch.equal(kernels.residual_histogram(x, 256, mask), _torch_path(x, mask))
         histc = time_ms(lambda x=x, mask=mask: _torch_path(x, mask), args.repeats)
-        triton_ms = time_ms(lambda x=x, mask=mask: kernels.residual_histogram(x, 256, mask), args.repeats)
-        print(f"{size} elements: torch.histc path {histc:.3f} ms, Triton kernel {triton_ms:.3f} ms "
-              f"({histc / triton_ms:.1f}x)")
+        reads = time_ms(lambda x=x, mask=mask: (x.sum(), mask.sum()), args.repeats)  # ~ the memory-read floor
+        print(f"{size} elements: torch.histc path {histc:.3f} ms; reading x and mask (two sums) {reads:.3f} ms")
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        for config in args.configs:
+            block, warps, per_sm = (int(v) for v in config.split("x"))
+            programs = max(1, min(-(-size // block), sms * per_sm))
+            triton_ms = time_ms(lambda x=x, mask=mask, b=block, w=warps, p=programs: kernels.residual_histogram(
+                x, 256, mask, programs=p, block=b, num_warps=w), args.repeats)
+            print(f"  Triton {config}: {triton_ms:.3f} ms ({histc / triton_ms:.1f}x)")
 
 
 if __name__ == "__main__":

@@ -270,6 +270,18 @@ def test_noise_histogram_uses_only_masked_elements() -> None:
     assert noise.min().item() >= 0.2 - 1 / 256 and noise.max().item() <= 0.3 + 1 / 256
 
 
+def test_histogram_noise_is_uniform_inside_its_bin() -> None:
+    """Residuals all in one bin: the noise fills that bin uniformly, at the resolution of float32 arithmetic on
+    [-1/2, 1/2] (2^16 values per bin: 100k draws hit about 51k of them; a coarse jitter would hit far fewer)."""
+    torch.manual_seed(8)
+    x = torch.arange(100_000) % 7 + 0.201  # residual 0.201: bin 179, [0.19921875, 0.203125)
+    noise = rounding_residual_noise(x, "histogram").double()
+    low, width = 179 / 256 - 0.5, 1 / 256
+    assert noise.min() >= low and noise.max() < low + width
+    assert stats.kstest(((noise - low) / width).numpy(), "uniform").pvalue > 1e-3
+    assert noise.unique().numel() > 45_000
+
+
 def test_activation_noise_pins_clipped_and_drop_keeps_float() -> None:
     torch.manual_seed(6)
     quantizer = ActivationQuantizer(4)

@@ -20,6 +20,8 @@ NOISE_DISTRIBUTIONS: tuple[str, ...] = ("histogram", "uniform")
 _EMPTY_BIN_WEIGHT = 1e-6
 # Resolution of the inverse-CDF table used to draw histogram bins.
 _QUANTILE_SLOTS = 1 << 16
+# Random bits of the uniform offset inside a bin (float32 has 24).
+_JITTER_BITS = 24
 
 
 @torch.library.custom_op("hdrq::residual_histogram", mutates_args=())
@@ -77,8 +79,10 @@ def rounding_residual_noise(
     cumulative = torch.cumsum(counts + _EMPTY_BIN_WEIGHT, dim=0)
     quantiles = (torch.arange(_QUANTILE_SLOTS, device=x.device, dtype=torch.float32) + 0.5) / _QUANTILE_SLOTS
     table = torch.searchsorted(cumulative / cumulative[-1], quantiles, right=True).clamp_(max=bins - 1)
-    bin_index = table[torch.randint(_QUANTILE_SLOTS, (x.numel(),), device=x.device)]
-    bin_width = 1.0 / bins
-    jitter = torch.rand(x.numel(), device=x.device)
-    noise = -0.5 + (bin_index.to(torch.float32) + jitter) * bin_width
+    # one random integer per element: its top bits pick the slot, its low 24 bits the jitter (torch.rand's
+    # float32 resolution); a second draw would cost a second Philox round per element in the compiled step
+    bits = torch.randint(_QUANTILE_SLOTS << _JITTER_BITS, (x.numel(),), device=x.device)
+    bin_index = table[bits >> _JITTER_BITS]
+    jitter = (bits & ((1 << _JITTER_BITS) - 1)).to(torch.float32) * 2.0**-_JITTER_BITS
+    noise = -0.5 + (bin_index.to(torch.float32) + jitter) * (1.0 / bins)
     return noise.reshape(x.shape).to(x.dtype)
