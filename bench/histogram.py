@@ -19,15 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hdrq_lightning.quant import kernels  # noqa: E402
-
-
-def _torch_path(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The op's torch implementation (what runs without Triton)."""
-    residuals = x - torch.round(x)
-    nonzero = residuals != 0
-    counts = torch.histc(torch.where(mask & nonzero, residuals, torch.full_like(residuals, 2.0)), 256, -0.5, 0.5)
-    counts[128] += (mask & ~nonzero).sum(dtype=counts.dtype)
-    return counts
+from hdrq_lightning.quant.noise import residual_histogram_torch  # noqa: E402
 
 
 def time_ms(fn, repeats: int) -> float:
@@ -49,12 +41,14 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["2048x8x4"],
                         help="Triton launch choices BLOCKxWARPSxPROGRAMS_PER_SM to time")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/histogram.py times a CUDA kernel: run it on a machine with a GPU.")
     print(torch.cuda.get_device_name())
     for size in args.sizes:
         x = torch.relu(torch.randn(size, device="cuda")) * 7.3
         mask = torch.rand(size, device="cuda") < 0.9
-        assert torch.equal(kernels.residual_histogram(x, 256, mask), _torch_path(x, mask))
-        histc = time_ms(lambda x=x, mask=mask: _torch_path(x, mask), args.repeats)
+        assert torch.equal(kernels.residual_histogram(x, 256, mask), residual_histogram_torch(x, 256, mask))
+        histc = time_ms(lambda x=x, mask=mask: residual_histogram_torch(x, 256, mask), args.repeats)
         reads = time_ms(lambda x=x, mask=mask: (x.sum(), mask.sum()), args.repeats)  # ~ the memory-read floor
         print(f"{size} elements: torch.histc path {histc:.3f} ms; reading x and mask (two sums) {reads:.3f} ms")
         sms = torch.cuda.get_device_properties(0).multi_processor_count

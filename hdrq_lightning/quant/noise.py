@@ -24,10 +24,8 @@ _QUANTILE_SLOTS = 1 << 16
 _JITTER_BITS = 24
 
 
-@torch.library.custom_op("hdrq::residual_histogram", mutates_args=())
-def _residual_histogram(x: Tensor, bins: int, mask: Tensor | None) -> Tensor:
-    if kernels.available(x) and bins & (bins - 1) == 0:
-        return kernels.residual_histogram(x, bins, mask)
+def residual_histogram_torch(x: Tensor, bins: int, mask: Tensor | None) -> Tensor:
+    """The histogram in torch ops (the op's implementation without Triton)."""
     residuals = (x - torch.round(x)).float()
     nonzero = residuals != 0
     counted, zeros = (nonzero, ~nonzero) if mask is None else (mask & nonzero, mask & ~nonzero)
@@ -36,6 +34,13 @@ def _residual_histogram(x: Tensor, bins: int, mask: Tensor | None) -> Tensor:
                          max=0.5)
     counts[bins // 2] += zeros.sum(dtype=counts.dtype)  # histc's bin of 0: floor((0 - min) * bins / (max - min))
     return counts
+
+
+@torch.library.custom_op("hdrq::residual_histogram", mutates_args=())
+def _residual_histogram(x: Tensor, bins: int, mask: Tensor | None) -> Tensor:
+    if kernels.available(x) and bins & (bins - 1) == 0:
+        return kernels.residual_histogram(x, bins, mask)
+    return residual_histogram_torch(x, bins, mask)
 
 
 @_residual_histogram.register_fake
