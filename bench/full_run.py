@@ -24,7 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.reconstruction import PATHS, PRESETS, build_engine  # noqa: E402
+from bench.reconstruction import (  # noqa: E402
+    PATHS,
+    PRESETS,
+    add_workload_arguments,
+    build_engine,
+    parse_workload_arguments,
+)
 from hdrq_lightning.quant.recipe import Recipe  # noqa: E402
 from hdrq_lightning.quant.reconstruction import ReconstructionModule  # noqa: E402
 
@@ -64,14 +70,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=400, help="iterations per unit in this run")
     parser.add_argument("--target-iters", type=int, default=20000, help="iterations per unit to extrapolate to")
     parser.add_argument("--steps-per-batch", type=int, default=50)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--calibration", type=int, default=1024)
-    parser.add_argument("--image", type=int, default=224)
-    parser.add_argument("--out", default="bench/results")
-    parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke run)")
-    args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench/full_run.py needs a CUDA GPU (or --device cpu for a smoke run).")
+    add_workload_arguments(parser)
+    args = parse_workload_arguments(parser)
     module, callbacks = build_engine(args.model, args.method, args.path, args.calibration, args.image,
                                      iters=args.iters, act_iters=max(1, args.iters // 4), batch_size=args.batch,
                                      checkpoint_every=args.steps_per_batch * 10,
@@ -90,8 +90,7 @@ def main() -> None:
     trainer.fit(module)
     if args.device == "cuda":
         torch.cuda.synchronize()
-    wall = time.perf_counter() - started
-    stamps = timer.stamps + [(None, None, "end", None, time.perf_counter())]
+    ended = time.perf_counter()
 
     # per unit: one-off seconds (cache + first steps of every mode) and steady seconds per iteration per mode
     units, previous_end = [], started
@@ -124,11 +123,11 @@ def main() -> None:
                       "seconds_at_target": round(unit_target, 1)})
         previous_end = times["last"]
         print(units[-1], flush=True)
-    finish_s = stamps[-1][4] - previous_end  # the last step, finalising the model, the Trainer's teardown
+    finish_s = ended - previous_end  # the last step, finalising the model, the Trainer's teardown
     extrapolated += finish_s
     cuda = args.device == "cuda"
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "args": vars(args),
-              "wall_seconds": round(wall, 1),
+              "wall_seconds": round(ended - started, 1),
               "extrapolated_minutes": round(extrapolated / 60, 2),
               "one_off_minutes": round((sum(u["cache_s"] + u["first_steps_s"] for u in units) + finish_s) / 60, 2),
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None, "units": units}

@@ -210,21 +210,32 @@ def markdown(results: list[dict], device: str, throughput: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine benchmarks' shared options: batch, calibration set, image size, output dir, device."""
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--calibration", type=int, default=1024)
+    parser.add_argument("--image", type=int, default=224)
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke run)")
+
+
+def parse_workload_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse, refusing --device cuda without a GPU."""
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{parser.prog} needs a CUDA GPU (or --device cpu for a smoke run).")
+    return args
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet50", "resnet101"])
     parser.add_argument("--methods", nargs="+", default=["brecq", "qdrop", "hdrq"])
     parser.add_argument("--paths", nargs="+", default=["eager", "fast"], choices=sorted(PATHS))
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--calibration", type=int, default=1024)
-    parser.add_argument("--image", type=int, default=224)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--out", default="bench/results")
-    parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke run)")
-    args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench/reconstruction.py needs a CUDA GPU (or --device cpu for a smoke run).")
+    add_workload_arguments(parser)
+    args = parse_workload_arguments(parser)
     size = 8192 if args.device == "cuda" else 512
     throughput = {"fp32": matmul_tflops(torch.float32, False, args.device, size),
                   "tf32": matmul_tflops(torch.float32, True, args.device, size),

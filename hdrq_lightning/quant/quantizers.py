@@ -101,7 +101,7 @@ def fake_quantize_noise(
         in_range = (x >= qmin) & (x <= qmax)
         noise = rounding_residual_noise(x, distribution, mask=in_range)
         offset = torch.where(in_range, noise, torch.clamp(x, qmin, qmax) - zero_point)
-    return torch.where(in_range, t, torch.zeros((), dtype=t.dtype, device=t.device)) + scale * offset
+    return torch.where(in_range, t, t.new_zeros(())) + scale * offset
 
 
 def _affine_from_range(

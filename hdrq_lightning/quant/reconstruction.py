@@ -522,7 +522,7 @@ class ReconstructionModule(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         if loss.requires_grad:
             self.manual_backward(loss)
-            self._sync_gradients(phase)
+            self._sync_gradients()
         optimizer.step()
 
     # ------------------------------------------------------------------------------------------- CUDA graphs
@@ -541,7 +541,7 @@ class ReconstructionModule(L.LightningModule):
                                                self._local_slice(), self.adaround_weight, self.adaround_beta)
         if loss.requires_grad:
             loss.backward()
-            self._sync_gradients(phase)
+            self._sync_gradients()
         self._optimizer.step()
         return loss.detach(), reconstruction.detach()
 
@@ -605,7 +605,8 @@ class ReconstructionModule(L.LightningModule):
             self.log("quantize/train/block", float(logged[0]), prog_bar=True)
         return None if loss is None else loss.clone()
 
-    def _sync_gradients(self, phase: Phase) -> None:
+    def _sync_gradients(self) -> None:
+        """Average the current unit's gradients over the ranks (DDP), where the engine's manual step needs it."""
         if self._trainer is None or self.trainer.world_size <= 1 or not dist.is_available() \
                 or not dist.is_initialized():
             return
