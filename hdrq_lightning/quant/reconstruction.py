@@ -395,35 +395,36 @@ class ReconstructionModule(L.LightningModule):
         progress = (iteration - warmup) / max(1.0, phase.iters - warmup)
         return recipe.adaround_reg_weight, end + (start - end) * max(0.0, 1.0 - progress)
 
-    def _unit_loss(self, block: int, pass_name: str, inputs: torch.Tensor, target: torch.Tensor,
-                   reg_weight: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruction error of one unit plus its regularisers (what the fast path compiles)."""
+    def _unit_loss(self, unit: nn.Module, layers: list[nn.Module], pass_name: str, inputs: torch.Tensor,
+                   target: torch.Tensor, reg_weight: torch.Tensor, beta: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction error of one unit plus AdaRound's regulariser on its quantized ``layers``."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.runtime.bf16):
-            output = self.quant_blocks[block](inputs)
+            output = unit(inputs)
         reconstruction = (output.float() - target).pow(2).sum(dim=1).mean()
         loss = reconstruction
-        layers = self.block_layers[block]
         if self.recipe.weight.rounding == "adaround" and _trains_weights(pass_name) and layers:
-            penalty = torch.stack([layer.weight_quantizer.adaround_regularizer(beta) for _, layer in layers]).sum()
+            penalty = torch.stack([layer.weight_quantizer.adaround_regularizer(beta) for layer in layers]).sum()
             loss = loss + reg_weight * penalty
-        for term in self.loss_terms.values():
-            extra = term(layers)
-            if extra is not None:
-                loss = loss + extra
         return loss, reconstruction
 
     def _loss_fn(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-        """Eager ``_step_loss``, or its Inductor-compiled form (runtime.compile)."""
+        """Eager ``_batch_loss``, or its Inductor-compiled form (runtime.compile).
+
+        The unit and its layers are arguments, not looked up by index, so dynamo guards on their structure and
+        tensor shapes rather than on which unit it is: units of the same shape (the 2nd to last blocks of every
+        ResNet stage) share one compiled graph, and a ResNet-50 compiles 10 graphs per mode instead of 18.
+        """
         if not self.runtime.compile:
-            return self._step_loss
+            return self._batch_loss
         if self._compiled_loss is None:
-            # one compiled variant per unit and mode: raise dynamo's per-function recompilation limit
+            # one compiled variant per unit shape and mode: raise dynamo's per-function recompilation limit
             import torch._dynamo.config as dynamo_config
 
             for name in ("recompile_limit", "cache_size_limit"):
                 if hasattr(dynamo_config, name):
                     setattr(dynamo_config, name, max(getattr(dynamo_config, name), 256))
-            self._compiled_loss = torch.compile(self._step_loss, dynamic=False)
+            self._compiled_loss = torch.compile(self._batch_loss, dynamic=False)
         return self._compiled_loss
 
     def _reseed(self, iteration: int, salt: int = 0) -> None:
@@ -474,11 +475,27 @@ class ReconstructionModule(L.LightningModule):
             inputs = torch.where(mask, inputs, rows["fp_input"])
         return inputs, rows["fp_target"]
 
-    def _step_loss(self, block: int, pass_name: str, indices: torch.Tensor, host_rows: dict[str, torch.Tensor],
-                   local: slice, reg_weight: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch_loss(self, unit: nn.Module, layers: list[nn.Module], pass_name: str, indices: torch.Tensor,
+                    host_rows: dict[str, torch.Tensor], local: slice, reg_weight: torch.Tensor, beta: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch and loss of one step: what runtime.compile compiles (gather, mixing and quantizers fuse)."""
         inputs, target = self._batch(pass_name, indices, host_rows, local)
-        return self._unit_loss(block, pass_name, inputs, target, reg_weight, beta)
+        return self._unit_loss(unit, layers, pass_name, inputs, target, reg_weight, beta)
+
+    def _step_loss(self, phase: Phase, indices: torch.Tensor, host_rows: dict[str, torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, reconstruction error) of one step on the current unit: ``_batch_loss`` (compiled on the fast
+        path) plus the callbacks' loss terms, which look layers up by name and so stay eager (a few small
+        kernels; captured with the rest of the step in the CUDA graph)."""
+        named = self.block_layers[phase.block]
+        loss, reconstruction = self._loss_fn()(self.quant_blocks[phase.block], [layer for _, layer in named],
+                                               phase.pass_name, indices, host_rows, self._local_slice(),
+                                               self.adaround_weight, self.adaround_beta)
+        for term in self.loss_terms.values():
+            extra = term(named)
+            if extra is not None:
+                loss = loss + extra
+        return loss, reconstruction
 
     def reconstruction_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One iteration on the current unit: sample, forward, loss, backward, update. Returns (loss, error).
@@ -499,9 +516,7 @@ class ReconstructionModule(L.LightningModule):
             loss, reconstruction = self._graph_step(phase)
         else:
             indices = self._draw_indices()
-            loss, reconstruction = self._loss_fn()(phase.block, phase.pass_name, indices,
-                                                   self._host_rows(phase.pass_name, indices), self._local_slice(),
-                                                   self.adaround_weight, self.adaround_beta)
+            loss, reconstruction = self._step_loss(phase, indices, self._host_rows(phase.pass_name, indices))
             self._update(loss, phase)
             loss, reconstruction = loss.detach(), reconstruction.detach()
         self._step += 1
@@ -537,8 +552,7 @@ class ReconstructionModule(L.LightningModule):
 
     def _graph_body(self, phase: Phase, graph: _StepGraph) -> tuple[torch.Tensor, torch.Tensor]:
         """What one captured step does: gather and mix the batch, loss, backward, all-reduce, Adam."""
-        loss, reconstruction = self._loss_fn()(phase.block, phase.pass_name, graph.indices, graph.static,
-                                               self._local_slice(), self.adaround_weight, self.adaround_beta)
+        loss, reconstruction = self._step_loss(phase, graph.indices, graph.static)
         if loss.requires_grad:
             loss.backward()
             self._sync_gradients()
