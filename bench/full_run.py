@@ -21,7 +21,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch._dynamo.utils import compile_times
+from torch._dynamo.utils import compile_times, counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -141,10 +141,12 @@ def main() -> None:
               "one_off_minutes": round((sum(u["cache_s"] + u["first_steps_s"] for u in units) + finish_s) / 60, 2),
               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None, "units": units}
     if module.runtime.compile:  # where the compile time went (dynamo, AOT autograd, Inductor, Triton), slowest first
-        rows = [line.rsplit(", ", 1) for line in compile_times(repr="str", aggregate=True).splitlines()]
-        timed = sorted(((row[0], float(row[1])) for row in rows if len(row) == 2 and _is_number(row[1])),
+        rows = [line.rsplit(None, 1) for line in compile_times(repr="str", aggregate=True).splitlines()]
+        timed = sorted(((row[0].rstrip(","), float(row[1])) for row in rows if len(row) == 2 and _is_number(row[1])),
                        key=lambda r: -r[1])
         result["compile_seconds"] = {name: round(seconds, 2) for name, seconds in timed[:25]}
+        result["compile_caches"] = {f"{group}.{name}": count for group in ("inductor", "aot_autograd")
+                                    for name, count in counters[group].items() if "cache" in name}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"full_run_{args.model}_{args.method}_{args.path}.json").write_text(json.dumps(result, indent=2))

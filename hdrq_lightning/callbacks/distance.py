@@ -13,6 +13,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from hdrq_lightning.quant.reconstruction import LossTerm
+
 
 class DistanceRegularizer(Callback):
     """Adds ``weight * sum ||W - W_source||`` over the trained layers of the current block to the engine's loss."""
@@ -26,23 +28,32 @@ class DistanceRegularizer(Callback):
 
     def attach(self, engine: Any) -> None:
         """Add the penalty to the engine's loss (also when the engine is driven without a Trainer)."""
-        engine.loss_terms["distance"] = self.penalty
+        engine.loss_terms["distance"] = LossTerm(self.sources, self.distance)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.source_weights = {k: v.to(pl_module.device) for k, v in self.source_weights.items()}
 
-    def penalty(self, layers: list[tuple[str, torch.nn.Module]]) -> torch.Tensor | None:
-        terms = []
+    def sources(self, layers: list[tuple[str, torch.nn.Module]]) -> list[torch.Tensor | None]:
+        """The source weight of each named layer (None where there is none), on the layer's device."""
+        found = []
         for name, layer in layers:
             source = self.source_weights.get(f"{name}.weight")
-            if source is None:
-                continue
-            if source.device != layer.weight.device:
+            if source is not None and source.device != layer.weight.device:
                 source = self.source_weights[f"{name}.weight"] = source.to(layer.weight.device)
-            terms.append(torch.linalg.vector_norm(layer.weight - source))
+            found.append(source)
+        return found
+
+    def distance(self, layers: list[torch.nn.Module], sources: list[torch.Tensor | None]) -> torch.Tensor | None:
+        """``weight * sum ||W - S||`` over the layers with a source (traced into the engine's compiled step)."""
+        terms = [torch.linalg.vector_norm(layer.weight - source) for layer, source in zip(layers, sources)
+                 if source is not None]
         if not terms or self.weight == 0:
             return None
         return self.weight * torch.stack(terms).sum()
+
+    def penalty(self, layers: list[tuple[str, torch.nn.Module]]) -> torch.Tensor | None:
+        """The penalty of named layers."""
+        return self.distance([layer for _, layer in layers], self.sources(layers))
 
     def state_dict(self) -> dict[str, Any]:
         return {"weight": self.weight}

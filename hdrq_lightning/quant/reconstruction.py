@@ -79,6 +79,20 @@ def _trains_activations(pass_name: str) -> bool:
     return pass_name in ("joint", "activations")
 
 
+@dataclass(frozen=True)
+class LossTerm:
+    """An extra loss on the current unit's quantized layers, added to ``ReconstructionModule.loss_terms``.
+
+    ``prepare(named_layers)`` runs outside the compiled step, once per step (graph replays: once per capture), and
+    returns the tensors ``penalty(layers, tensors)`` reads besides the layers, e.g. looked up by layer name;
+    ``penalty`` is traced into the compiled step (fused with the rest of the backward) and sees no names, so that
+    units of the same shape keep sharing one compiled graph. ``penalty`` returns None to add nothing.
+    """
+
+    prepare: Callable[[list[tuple[str, nn.Module]]], list[torch.Tensor | None]]
+    penalty: Callable[[list[nn.Module], list[torch.Tensor | None]], torch.Tensor | None]
+
+
 class ReconstructionModule(L.LightningModule):
     """Block reconstruction of ``quant_model`` towards ``fp_model`` (both BN-folded, same architecture)."""
 
@@ -109,7 +123,7 @@ class ReconstructionModule(L.LightningModule):
         self.block_layers = self._layers_per_block()
         self.plan = build_plan(recipe, len(self.quant_blocks))
         self.total_iters = sum(phase.iters for phase in self.plan)
-        self.loss_terms: dict[str, Callable[[list[tuple[str, nn.Module]]], torch.Tensor | None]] = {}
+        self.loss_terms: dict[str, LossTerm] = {}  # added by callbacks (HDRQ's distance regulariser)
         # Called before every engine iteration (lr schedule, noise switch), whatever drives the loop.
         self.step_hooks: dict[str, Callable[[ReconstructionModule], None]] = {}
         self._optimizer: torch.optim.Optimizer | None = None
@@ -395,10 +409,10 @@ class ReconstructionModule(L.LightningModule):
         progress = (iteration - warmup) / max(1.0, phase.iters - warmup)
         return recipe.adaround_reg_weight, end + (start - end) * max(0.0, 1.0 - progress)
 
-    def _unit_loss(self, unit: nn.Module, layers: list[nn.Module], pass_name: str, inputs: torch.Tensor,
-                   target: torch.Tensor, reg_weight: torch.Tensor, beta: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruction error of one unit plus AdaRound's regulariser on its quantized ``layers``."""
+    def _unit_loss(self, unit: nn.Module, layers: list[nn.Module], extras: dict[str, list[torch.Tensor | None]],
+                   pass_name: str, inputs: torch.Tensor, target: torch.Tensor, reg_weight: torch.Tensor,
+                   beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction error of one unit plus AdaRound's regulariser and the loss terms on its ``layers``."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.runtime.bf16):
             output = unit(inputs)
         reconstruction = (output.float() - target).pow(2).sum(dim=1).mean()
@@ -406,15 +420,14 @@ class ReconstructionModule(L.LightningModule):
         if self.recipe.weight.rounding == "adaround" and _trains_weights(pass_name) and layers:
             penalty = torch.stack([layer.weight_quantizer.adaround_regularizer(beta) for layer in layers]).sum()
             loss = loss + reg_weight * penalty
+        for name, term in self.loss_terms.items():
+            extra = term.penalty(layers, extras[name])
+            if extra is not None:
+                loss = loss + extra
         return loss, reconstruction
 
     def _loss_fn(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-        """Eager ``_batch_loss``, or its Inductor-compiled form (runtime.compile).
-
-        The unit and its layers are arguments, not looked up by index, so dynamo guards on their structure and
-        tensor shapes rather than on which unit it is: units of the same shape (the 2nd to last blocks of every
-        ResNet stage) share one compiled graph, and a ResNet-50 compiles 10 graphs per mode instead of 18.
-        """
+        """Eager ``_batch_loss``, or its Inductor-compiled form (runtime.compile)."""
         if not self.runtime.compile:
             return self._batch_loss
         if self._compiled_loss is None:
@@ -475,27 +488,26 @@ class ReconstructionModule(L.LightningModule):
             inputs = torch.where(mask, inputs, rows["fp_input"])
         return inputs, rows["fp_target"]
 
-    def _batch_loss(self, unit: nn.Module, layers: list[nn.Module], pass_name: str, indices: torch.Tensor,
-                    host_rows: dict[str, torch.Tensor], local: slice, reg_weight: torch.Tensor, beta: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch and loss of one step: what runtime.compile compiles (gather, mixing and quantizers fuse)."""
+    def _batch_loss(self, unit: nn.Module, layers: list[nn.Module], extras: dict[str, list[torch.Tensor | None]],
+                    pass_name: str, indices: torch.Tensor, host_rows: dict[str, torch.Tensor], local: slice,
+                    reg_weight: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch and loss of one step: what runtime.compile compiles (gather, mixing, quantizers, regularisers fuse).
+
+        The unit, its layers and the loss terms' tensors are arguments, not looked up by index or name, so dynamo
+        guards on their structure and shapes rather than on which unit it is: units of the same shape (the 2nd to
+        last blocks of every ResNet stage) share one compiled graph; a ResNet-50 compiles 10 per mode, not 18.
+        """
         inputs, target = self._batch(pass_name, indices, host_rows, local)
-        return self._unit_loss(unit, layers, pass_name, inputs, target, reg_weight, beta)
+        return self._unit_loss(unit, layers, extras, pass_name, inputs, target, reg_weight, beta)
 
     def _step_loss(self, phase: Phase, indices: torch.Tensor, host_rows: dict[str, torch.Tensor]
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, reconstruction error) of one step on the current unit: ``_batch_loss`` (compiled on the fast
-        path) plus the callbacks' loss terms, which look layers up by name and so stay eager (a few small
-        kernels; captured with the rest of the step in the CUDA graph)."""
+        """(loss, reconstruction error) of one step on the current unit (``_batch_loss``, compiled or eager)."""
         named = self.block_layers[phase.block]
-        loss, reconstruction = self._loss_fn()(self.quant_blocks[phase.block], [layer for _, layer in named],
-                                               phase.pass_name, indices, host_rows, self._local_slice(),
-                                               self.adaround_weight, self.adaround_beta)
-        for term in self.loss_terms.values():
-            extra = term(named)
-            if extra is not None:
-                loss = loss + extra
-        return loss, reconstruction
+        extras = {name: term.prepare(named) for name, term in self.loss_terms.items()}
+        return self._loss_fn()(self.quant_blocks[phase.block], [layer for _, layer in named], extras,
+                               phase.pass_name, indices, host_rows, self._local_slice(), self.adaround_weight,
+                               self.adaround_beta)
 
     def reconstruction_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One iteration on the current unit: sample, forward, loss, backward, update. Returns (loss, error).
