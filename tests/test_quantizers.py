@@ -14,6 +14,8 @@ from hdrq_lightning.quant.quantizers import (
     WeightQuantizer,
     fake_quantize_noise,
     flatten_in_memory_order,
+    round_straight_through,
+    scale_gradient,
 )
 
 torch.set_num_threads(1)
@@ -112,6 +114,33 @@ def test_vectorised_mse_search_equals_per_channel_loop() -> None:
         scale, zero_point = _brute_force_range(w[channel].flatten(), 0, 15, grid=50, norm=2.4)
         assert quantizer.scale[channel].item() == pytest.approx(scale, rel=1e-6)
         assert quantizer.zero_point[channel].item() == zero_point
+
+
+def test_straight_through_round_is_bit_exact_round_with_identity_gradient() -> None:
+    """x + (round(x) - x).detach() is round(x) to the bit: random floats over 2^-30..2^30 of both signs, the
+    neighbours of every half-integer up to 2^12 (ties: half to even), signed zeros and huge values (only the
+    sign of a zero result may differ)."""
+    g = torch.Generator().manual_seed(0)
+    magnitudes = torch.exp2(torch.empty(2_000_000).uniform_(-30, 30, generator=g))
+    signs = torch.where(torch.rand(magnitudes.shape, generator=g) < 0.5, -1.0, 1.0)
+    halves = torch.arange(-(1 << 12), 1 << 12, dtype=torch.float32) + 0.5
+    x = torch.cat([magnitudes * signs, halves, torch.nextafter(halves, halves + 1), torch.nextafter(halves, halves - 1),
+                   torch.tensor([0.0, -0.0, 2.0**23 + 1, -(2.0**24), 3e38])]).requires_grad_()
+    y, rounded = round_straight_through(x).detach(), torch.round(x.detach())
+    assert torch.equal(y, rounded)  # equal values; a -0 may come out as +0 (equal as numbers)
+    nonzero = rounded != 0
+    assert torch.equal(y[nonzero].view(torch.int32), rounded[nonzero].view(torch.int32))  # bit for bit
+    y = round_straight_through(x)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_scale_gradient_is_identity_forward_and_scales_the_gradient() -> None:
+    x = torch.tensor([0.3, -1e-7, 123.456, 1e30], requires_grad=True)
+    y = scale_gradient(x, 0.125)
+    assert torch.equal(y.detach(), x.detach())
+    y.backward(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert torch.equal(x.grad, torch.tensor([0.125, 0.25, 0.375, 0.5]))
 
 
 def test_lsq_weight_scale_gradient_matches_formula() -> None:

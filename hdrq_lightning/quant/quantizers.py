@@ -39,29 +39,23 @@ def rectified_sigmoid(alpha: Tensor) -> Tensor:
     return torch.clamp(torch.sigmoid(alpha) * 1.2 - 0.1, 0.0, 1.0)
 
 
-class _RoundStraightThrough(torch.autograd.Function):
-    """round() in the forward, identity in the backward (exact forward value, unlike x + (r - x).detach())."""
+# The straight-through and gradient-scaling estimators are written with detach() rather than as autograd.Functions:
+# torch.compile's AOT-autograd cache refuses graphs with autograd.Function calls, and that cache is what makes a
+# warm start skip AOT tracing (most of a unit's warm compile time).
+def round_straight_through(x: Tensor) -> Tensor:
+    """round(x) in the forward, identity in the backward.
 
-    @staticmethod
-    def forward(ctx: object, x: Tensor) -> Tensor:
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx: object, grad: Tensor) -> Tensor:
-        return grad
+    ``x + (round(x) - x)`` is exactly ``round(x)`` in float arithmetic (tested over a float32 range): for
+    |x| >= 1/2, x and round(x) are within a factor of 2, so their difference is exact (Sterbenz) and adding it
+    back lands on the integer; for |x| < 1/2 the difference is -x (a -0 result comes out as +0).
+    """
+    return x + (torch.round(x) - x).detach()
 
 
-class _ScaleGradient(torch.autograd.Function):
-    """Identity in the forward, gradient multiplied by a constant in the backward (LSQ step scaling)."""
-
-    @staticmethod
-    def forward(ctx: object, x: Tensor, factor: float) -> Tensor:
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: object, grad: Tensor) -> tuple[Tensor, None]:
-        return grad * ctx.factor, None
+def scale_gradient(x: Tensor, factor: float) -> Tensor:
+    """Identity in the forward (exactly: ``x - x.detach()`` is 0), gradient multiplied by ``factor`` (LSQ)."""
+    detached = x.detach()
+    return detached + (x - detached) * factor
 
 
 def flatten_in_memory_order(t: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
@@ -83,7 +77,7 @@ def flatten_in_memory_order(t: Tensor) -> tuple[Tensor, Callable[[Tensor], Tenso
 def fake_quantize_nearest(t: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
     """Round-to-nearest fake quantization with LSQ gradients (straight-through inside the clip range)."""
     x = torch.clamp(t / scale + zero_point, qmin, qmax)
-    return (_RoundStraightThrough.apply(x) - zero_point) * scale
+    return (round_straight_through(x) - zero_point) * scale
 
 
 def fake_quantize_noise(
@@ -430,7 +424,7 @@ class ActivationQuantizer(_Quantizer):
             return x
         if not self._initialized:
             raise ConfigError("ActivationQuantizer is not calibrated; run calibrate_activations first.")
-        scale = _ScaleGradient.apply(self.effective_scale(), 1.0 / math.sqrt(x.numel() * self.qmax))
+        scale = scale_gradient(self.effective_scale(), 1.0 / math.sqrt(x.numel() * self.qmax))
         # Grid arithmetic in float32 also under bf16 autocast (bf16 cannot tell 8-bit codes apart above 128).
         # on the memory-order view: the reductions over all elements read memory contiguously (and HDRQ's noise
         # is drawn per element in memory order)
