@@ -106,7 +106,9 @@ def build_engine(model_name: str, method: str, path: str, calibration: int, imag
     recipe = Recipe(method=method, w_bits=4, a_bits=4, **PRESETS[method],
                     **{k: v for k, v in overrides.items() if k not in runtime_fields})
     module = ReconstructionModule(fp, quantize_model(fp, quant_config(recipe)),
-                                  torch.randn(calibration, 3, image, image), recipe, runtime=runtime)
+                                  torch.randn(calibration, 3, image, image), recipe, runtime=runtime,
+                                  model_factory=("hdrq_lightning.models.shot:build_shot_net",
+                                                 {"backbone": model_name, "num_classes": 65}))
     callbacks = [CosineWarmup(recipe.warmup_fraction), NoiseToFakeQuantSwitch(recipe.noise)]
     if recipe.distance_weight > 0:
         callbacks.append(DistanceRegularizer({k: v for k, v in fp.state_dict().items() if k.endswith("weight")},

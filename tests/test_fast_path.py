@@ -8,13 +8,10 @@ import functools
 
 import pytest
 import torch
-from engines import started_engine, tiny_model_and_calibration
-from timm.models.resnet import BasicBlock, ResNet
+from engines import started_engine, three_block_stage_model, tiny_model_and_calibration
 from torch._dynamo.utils import counters
 
 from hdrq_lightning.callbacks import DistanceRegularizer
-from hdrq_lightning.models.shot import ShotNet
-from hdrq_lightning.quant.fold import fold_batch_norm
 from hdrq_lightning.quant.recipe import ActivationRecipe, NoiseRecipe, Recipe, Runtime, WeightRecipe
 
 CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -62,14 +59,6 @@ def test_compiled_path_matches_eager(device, method):
     # apart a little: a few percent on a step's loss, no systematic difference in the state
     compare(recipe, runtime, device, steps=12, tolerance=1e-3 if device == "cpu" else 5e-2,
             state_atol=1e-4 if device == "cpu" else 1e-3)
-
-
-def three_block_stage_model() -> tuple[torch.nn.Module, torch.Tensor]:
-    """A BN-folded SHOT net on a narrow timm ResNet whose layer1 has three BasicBlocks (64 -> 16 channels, then
-    16 -> 16 twice: layer1.1 and layer1.2 have the same shapes) and 16 random 32 px calibration images."""
-    torch.manual_seed(0)
-    backbone = ResNet(block=BasicBlock, layers=(3, 1, 1, 1), channels=(16, 32, 64, 128), num_classes=0)
-    return fold_batch_norm(ShotNet(backbone, 10, 32).eval()), torch.randn(16, 3, 32, 32)
 
 
 @pytest.mark.parametrize("backend,noise", [("eager", True), pytest.param("inductor", False, marks=pytest.mark.slow)])

@@ -191,3 +191,35 @@ def test_w4a4_on_digits_is_close_to_fp_for_every_preset():
         r = recipe(method, iters=150, act_iters=75, batch_size=32, checkpoint_every=150)
         quant = reconstruct(fp, quantize_model(fp, quant_config(r)), calibration, r).quant_model
         assert accuracy(quant) > fp_acc - 5, method
+
+
+@pytest.mark.parametrize("method", ["brecq", "qdrop", "hdrq"])
+def test_qdrop_drops_in_the_current_unit_only_under_the_trainer(tiny_models, method):
+    """The models stay in eval mode under a Trainer (it does not switch submodules), so the current unit's activation
+    quantizers are put in training mode themselves: QDrop's random drop then acts in every step of the unit, and
+    nowhere else. Checked on the live engine before steps of every unit."""
+    _, fp, calibration = tiny_models
+    r = recipe(method)
+    seen = []
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            if module.finished:
+                return
+            current = {id(q) for _, q in activation_quantizers(module.quant_blocks[module.phase.block])}
+            for _, quantizer in activation_quantizers(module.quant_model):
+                dropping = quantizer.training and quantizer.drop_prob > 0
+                assert dropping == (id(quantizer) in current and r.drop_prob > 0 and module.phase.pass_name !=
+                                    "weights"), (module.phase, quantizer)
+            if r.drop_prob > 0 and current and module.phase.pass_name != "weights":
+                block, inputs = module.quant_blocks[module.phase.block], module._cache.quant_input[:4]
+                with torch.no_grad():  # the drop is random: two forwards differ
+                    seen.append(not torch.equal(block(inputs), block(inputs)))
+
+    module = ReconstructionModule(fp, quantize_model(fp, quant_config(r)), calibration, r)
+    trainer = L.Trainer(max_epochs=math.ceil(module.total_iters / r.checkpoint_every), accelerator="cpu",
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, enable_checkpointing=False, callbacks=[*callbacks(r, {}), Probe()])
+    trainer.fit(module)
+    assert not module.quant_model.training
+    assert (len(seen) > 0 and all(seen)) if method != "brecq" else seen == []

@@ -57,6 +57,7 @@ class Runtime:
     """How the engine runs, not what it computes: none of these enter the checkpoint's recipe check."""
 
     compile: bool = False             # torch.compile (Inductor) each unit's loss: fused quantizer kernels
+    compile_ahead: bool = True        # with compile on CUDA: a worker process compiles the next units' graphs
     cuda_graphs: bool = False         # capture the whole step (batch, loss, backward, Adam) in one CUDA graph
     graph_warmup: int = 3             # eager steps of each unit and mode before its graph is captured
     channels_last: bool = False       # NHWC caches and weights (tensor-core friendly convolutions)

@@ -30,8 +30,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hdrq_lightning.errors import ArtifactError, ConfigError
+from hdrq_lightning.quant import compile_ahead
 from hdrq_lightning.quant.blocks import reconstruction_blocks
-from hdrq_lightning.quant.cache import CacheBudget, UnitCache, allocate, cache_budget_bytes
+from hdrq_lightning.quant.cache import CACHE_NAMES, CacheBudget, UnitCache, allocate, cache_budget_bytes
 from hdrq_lightning.quant.modules import activation_quantizers, calibrate_activations, quant_layers
 from hdrq_lightning.quant.recipe import Recipe, Runtime
 
@@ -97,11 +98,14 @@ class ReconstructionModule(L.LightningModule):
     """Block reconstruction of ``quant_model`` towards ``fp_model`` (both BN-folded, same architecture)."""
 
     def __init__(self, fp_model: nn.Module, quant_model: nn.Module, calibration: torch.Tensor, recipe: Recipe,
-                 seed: int = 0, cache_batch_size: int = 256, runtime: Runtime | None = None) -> None:
+                 seed: int = 0, cache_batch_size: int = 256, runtime: Runtime | None = None,
+                 model_factory: tuple[str, dict[str, Any]] | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.recipe = recipe
         self.runtime = runtime or Runtime()
+        # ("module:function", kwargs) building the FP model before folding: lets compile_ahead's worker rebuild it
+        self.model_factory = model_factory
         self._compiled_loss: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
         self.seed = seed
         self.cache_batch_size = cache_batch_size
@@ -136,6 +140,7 @@ class ReconstructionModule(L.LightningModule):
         self._scalars: dict[str, float] = {}
         self._lr_values: dict[int, float] = {}  # last value written to each device lr tensor
         self._graph: _StepGraph | None = None
+        self._ahead: compile_ahead.CompileAhead | None = None
         if self.recipe.checkpoint_every % self.runtime.steps_per_batch:
             raise ConfigError(f"quant.checkpoint_every ({recipe.checkpoint_every}) must be a multiple of "
                               f"quant.runtime.steps_per_batch ({self.runtime.steps_per_batch}).")
@@ -235,6 +240,11 @@ class ReconstructionModule(L.LightningModule):
         placed = {"fp_input": fp_on_device, "quant_input": quant_on_device, "fp_target": target_on_device}
         self._cache = UnitCache(phase.pass_name, phase.block, fp_input, quant_input, fp_target, self.device,
                                 host=frozenset(name for name, on_device in placed.items() if not on_device))
+        if self.runtime.compile:
+            # the compiled step does not specialise on the calibration size: compile_ahead's worker compiles the
+            # same graphs on a small calibration set, and other calibration sizes reuse them
+            for name in CACHE_NAMES:
+                torch._dynamo.maybe_mark_dynamic(self._cache.tensor(name), 0)
         if self._cache.host_names:
             log.info("unit %s: %s kept in host memory (over the cache budget)", self.block_names[phase.block],
                      ", ".join(self._cache.host_names))
@@ -253,6 +263,7 @@ class ReconstructionModule(L.LightningModule):
         act_mode = self._final_activation_mode(phase.pass_name)
         for _, quantizer in activation_quantizers(self.quant_model):
             quantizer.drop_prob = 0.0
+            quantizer.eval()
             quantizer.set_mode(act_mode if bool(quantizer.initialized) else "float")
         cache = self._prepare_cache(phase)
         block = self.quant_blocks[phase.block]
@@ -265,6 +276,9 @@ class ReconstructionModule(L.LightningModule):
             for quantizer in quantizers:
                 quantizer.set_mode("nearest")
                 quantizer.drop_prob = recipe.drop_prob
+                # QDrop's drop acts in training mode only; the models stay in eval mode (a Trainer does not switch
+                # them, and a dropout layer of the head must not drop)
+                quantizer.train()
         if _trains_weights(phase.pass_name):
             mode = "adaround" if recipe.weight.rounding == "adaround" else "nearest"
             for _, layer in self.block_layers[phase.block]:
@@ -380,8 +394,18 @@ class ReconstructionModule(L.LightningModule):
         return self._optimizer
 
     def on_train_start(self) -> None:
+        self._stop_compile_ahead()
+        self._ahead = compile_ahead.launch(self)
         if not self.finished:
             self._enter_phase()
+
+    def _stop_compile_ahead(self) -> None:
+        if self._ahead is not None:
+            self._ahead.stop()
+            self._ahead = None
+
+    def teardown(self, stage: str) -> None:
+        self._stop_compile_ahead()  # also when training ended with an exception
 
     def set_lr(self, group: dict[str, Any], lr: float) -> None:
         """Set a param group's learning rate (in place, and only when it changes, for a captured step's device
@@ -643,6 +667,7 @@ class ReconstructionModule(L.LightningModule):
                     param.grad /= self.trainer.world_size
 
     def on_train_end(self) -> None:
+        self._stop_compile_ahead()
         if self.finished:
             self.finalize()
 

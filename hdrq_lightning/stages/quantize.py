@@ -72,7 +72,10 @@ def quantize_one(cfg: DictConfig, dm, recipe: Recipe, source_folded: torch.nn.Mo
     runtime = Runtime.from_config(cfg.quant.get("runtime"))
     if runtime.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    module = ReconstructionModule(fp_model, quant_model, calibration, recipe, seed=cfg.seed, runtime=runtime)
+    factory = ("hdrq_lightning.models.shot:build_shot_net", {"backbone": cfg.model.backbone,
+               "num_classes": dm.num_classes, "bottleneck_dim": cfg.model.bottleneck_dim})
+    module = ReconstructionModule(fp_model, quant_model, calibration, recipe, seed=cfg.seed, runtime=runtime,
+                                  model_factory=factory)
     callbacks = [CosineWarmup(recipe.warmup_fraction)]
     if recipe.noise.enabled:
         callbacks.append(NoiseToFakeQuantSwitch(recipe.noise))

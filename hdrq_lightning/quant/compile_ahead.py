@@ -1,0 +1,162 @@
+"""Compile the fast path's step graphs ahead of the engine, in a worker process (``quant.runtime.compile_ahead``).
+
+A cold ``torch.compile`` of a ResNet-50 reconstruction spends about 2.5 minutes in Inductor's code generation and
+Triton's kernel compiler (40 graphs: 10 unit shapes x 2 quantization modes x forward and backward), and each unit
+waits for its own graphs. What is compiled depends on the architecture, the recipe's quantizer settings, the
+runtime and the tensor shapes, not on the weights or the data (the caches' calibration dimension is dynamic). So
+when the engine starts training, a worker process builds the same engine on a few random calibration images, runs
+two steps per unit (one per side of HDRQ's noise switch) and leaves the compiled code in the on-disk caches of
+Inductor (FX graphs, AOT-autograd graphs, Triton kernels). When the engine reaches a unit, its compile is a cache
+hit: dynamo tracing and loading, about a second per graph. A unit's graphs compile in about 15 s and the unit then
+trains for 20-40 s, so after the first unit the worker stays ahead.
+
+Best effort: a worker that fails or falls behind costs only CPU time (the engine compiles what it does not find in
+the cache), and it is stopped when the engine's training ends. Started only on CUDA, with ``compile`` on, by local
+rank 0 (DDP ranks on one machine share the cache), for an engine given a ``model_factory``: the import path of a
+function and its keyword arguments that build the FP model before BN folding (modules do not pickle in general;
+weight-normed layers never do). The worker builds, folds and quantizes it as the quantize stage does and loads the
+engine's state dicts. Loss terms added by callbacks (the distance regulariser) are sent to the worker; they must
+pickle, or the worker is not started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("hdrq")
+
+PAYLOAD, LOG = "payload.pt", "worker.log"
+
+
+def ahead_recipe(recipe: Any) -> Any:
+    """The engine's recipe cut to two iterations per unit and pass, with the noise switch between them."""
+    noise = dataclasses.replace(recipe.noise, fakequant_iters=1, reference_iters=2)
+    return dataclasses.replace(recipe, iters=2, act_iters=2, checkpoint_every=2, noise=noise)
+
+
+def ahead_runtime(runtime: Any) -> Any:
+    """Compiled, uncaptured (a captured step runs the same compiled code), caches on the device, no worker."""
+    return dataclasses.replace(runtime, cuda_graphs=False, compile_ahead=False, steps_per_batch=1,
+                               cache_device="device", cache_budget_gib=None)
+
+
+def write_payload(engine: Any, path: Path) -> None:
+    """What the worker needs to build the engine's twin: models, recipe, runtime, loss terms, where to start."""
+    calibration = engine.calibration
+    torch.save({"factory": engine.model_factory, "fp_state": engine.fp_model.state_dict(),
+                "quant_state": engine.quant_model.state_dict(), "recipe": engine.recipe,
+                "runtime": engine.runtime, "loss_terms": dict(engine.loss_terms), "seed": engine.seed,
+                "image_shape": tuple(calibration.shape[1:]), "dtype": calibration.dtype,
+                "phase_index": engine.plan.index(engine.phase), "precision": precision_settings()}, path)
+
+
+def precision_settings() -> tuple[str, Any, Any]:
+    """The TF32 settings of matmuls and cuDNN, exactly: they are part of the compiled graphs' cache keys, and
+    ``allow_tf32 = False`` is a different key from never set (``fp32_precision`` 'ieee' vs 'none')."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") and hasattr(cudnn, "fp32_precision") \
+        else "allow_tf32"
+    return name, getattr(matmul, name), getattr(cudnn, name)
+
+
+def apply_precision_settings(settings: tuple[str, Any, Any]) -> None:
+    name, *values = settings
+    for backend, value in zip((torch.backends.cuda.matmul, torch.backends.cudnn), values):
+        if getattr(backend, name) != value:
+            setattr(backend, name, value)
+
+
+def run_worker(path: Path, device: str) -> int:
+    """Build the twin engine from the payload at ``path`` and step it through its units; returns the steps run."""
+    # imported here: the callbacks import the engine, which imports this module
+    from hdrq_lightning.callbacks import NoiseToFakeQuantSwitch
+    from hdrq_lightning.quant.fold import fold_batch_norm
+    from hdrq_lightning.quant.modules import quantize_model
+    from hdrq_lightning.quant.reconstruction import ReconstructionModule
+    from hdrq_lightning.stages.quantize import quant_config
+
+    payload = torch.load(path, map_location=device, weights_only=False)
+    apply_precision_settings(payload["precision"])
+    module_name, _, function = payload["factory"][0].partition(":")
+    fp_model = fold_batch_norm(getattr(importlib.import_module(module_name), function)(**payload["factory"][1]).eval())
+    fp_model.load_state_dict(payload["fp_state"])
+    quant_model = quantize_model(fp_model, quant_config(payload["recipe"]))
+    quant_model.load_state_dict(payload["quant_state"])
+    recipe = ahead_recipe(payload["recipe"])
+    # two batches of images: enough to draw from, and the caches' first dimension is not specialised on
+    calibration = torch.randn(2 * recipe.batch_size, *payload["image_shape"], dtype=payload["dtype"],
+                              generator=torch.Generator().manual_seed(0))
+    engine = ReconstructionModule(fp_model, quant_model, calibration, recipe,
+                                  seed=payload["seed"], runtime=ahead_runtime(payload["runtime"])).to(device)
+    engine.loss_terms.update(payload["loss_terms"])
+    NoiseToFakeQuantSwitch(recipe.noise).attach(engine)
+    engine._step = engine.plan[payload["phase_index"]].start  # a resumed engine needs only the units it has left
+    engine.start()
+    steps = 0
+    while not engine.finished:
+        engine.reconstruction_step()
+        steps += 1
+    return steps
+
+
+class CompileAhead:
+    """The worker process of one engine run; ``stop()`` ends it (if still running) and removes its files."""
+
+    def __init__(self, process: subprocess.Popen, folder: Path) -> None:
+        self.process, self.folder = process, folder
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            log.info("compile-ahead worker stopped before it finished")
+        elif self.process.returncode:
+            tail = (self.folder / LOG).read_text(errors="replace")[-2000:]
+            log.warning("the compile-ahead worker failed (exit %d); the engine compiled its units itself:\n%s",
+                        self.process.returncode, tail)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def launch(engine: Any) -> CompileAhead | None:
+    """Start the worker for ``engine`` (at the start of its training), or None where it does not apply."""
+    runtime = engine.runtime
+    if not (runtime.compile and runtime.compile_ahead and engine.device.type == "cuda") or engine.finished:
+        return None
+    if engine.model_factory is None:
+        log.info("no compile-ahead worker: the engine was given no model_factory to rebuild its model from")
+        return None
+    if engine._trainer is not None and engine.trainer.local_rank != 0:
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="hdrq-compile-ahead-"))
+    try:
+        write_payload(engine, folder / PAYLOAD)
+    except Exception as error:  # e.g. a loss term that does not pickle: run without the worker
+        log.warning("compile-ahead worker not started (%s: %s); the engine compiles each unit itself",
+                    type(error).__name__, error)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    device = f"cuda:{engine.device.index if engine.device.index is not None else torch.cuda.current_device()}"
+    with open(folder / LOG, "w") as output:
+        process = subprocess.Popen([sys.executable, "-m", __name__, str(folder / PAYLOAD), device],
+                                   stdout=output, stderr=subprocess.STDOUT, env=os.environ.copy())
+    log.info("compile-ahead worker %d compiles the remaining units' step graphs on %s", process.pid, device)
+    return CompileAhead(process, folder)
+
+
+if __name__ == "__main__":
+    run_worker(Path(sys.argv[1]), sys.argv[2])

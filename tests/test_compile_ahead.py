@@ -1,0 +1,79 @@
+"""The compile-ahead worker builds the engine's twin and steps every unit it has left, once per quantization mode,
+and what it compiles is what the engine then loads from Inductor's caches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from engines import hdrq_engine_with_distance
+
+from hdrq_lightning.quant import compile_ahead
+from hdrq_lightning.quant.recipe import Recipe, Runtime
+from hdrq_lightning.quant.reconstruction import ReconstructionModule
+
+TESTS = Path(__file__).resolve().parent
+
+
+def test_ahead_recipe_switches_noise_to_fake_quant_between_its_two_steps():
+    recipe = compile_ahead.ahead_recipe(Recipe(method="brecq", passes=["weights", "activations"]))
+    assert (recipe.iters, recipe.act_iters, recipe.noise.switch_iteration(2), recipe.passes) == \
+        (2, 2, 1, ["weights", "activations"])
+    runtime = compile_ahead.ahead_runtime(Runtime(compile=True, cuda_graphs=True, cache_device="host"))
+    assert runtime.compile and not runtime.cuda_graphs and not runtime.compile_ahead and \
+        runtime.cache_device == "device"
+
+
+def test_no_worker_on_the_cpu_without_compile_or_without_a_model_factory(monkeypatch):
+    compiled, eager, unbuildable = (hdrq_engine_with_distance(Runtime(compile=c)) for c in (True, False, True))
+    unbuildable.model_factory = None
+    assert compile_ahead.launch(compiled) is None  # on the CPU
+    monkeypatch.setattr(ReconstructionModule, "device", property(lambda self: torch.device("cuda", 0)))
+    assert compile_ahead.launch(eager) is None
+    assert compile_ahead.launch(unbuildable) is None
+
+
+@pytest.mark.parametrize("start_unit", [0, 5])
+def test_worker_steps_the_units_left_twice_each(tmp_path, start_unit):
+    """Eager payload (fast): the twin is built from the payload (models, loss terms that pickle, recipe) and runs
+    two steps for each unit from the engine's current one on."""
+    engine = hdrq_engine_with_distance(Runtime())
+    engine._step = engine.plan[start_unit].start
+    compile_ahead.write_payload(engine, tmp_path / "payload.pt")
+    assert compile_ahead.run_worker(tmp_path / "payload.pt", "cpu") == 2 * (len(engine.plan) - start_unit)
+
+
+@pytest.mark.slow
+def test_worker_fills_the_caches_the_engine_compiles_from(tmp_path):
+    """A cold worker (its own process, Inductor on the CPU) compiles every graph; an engine started afterwards in
+    another process finds them all: no FX-graph cache miss, every AOT-autograd graph a hit."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    engine = hdrq_engine_with_distance(Runtime(compile=True))
+    compile_ahead.write_payload(engine, tmp_path / "payload.pt")
+    subprocess.run([sys.executable, "-m", "hdrq_lightning.quant.compile_ahead", str(tmp_path / "payload.pt"), "cpu"],
+                   env=env, check=True, capture_output=True)
+    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+            "from torch._dynamo.utils import counters\n"
+            "from engines import hdrq_engine_with_distance\n"
+            "from hdrq_lightning.quant.recipe import Runtime\n"
+            "engine = hdrq_engine_with_distance(Runtime(compile=True))\n"
+            "while not engine.finished:\n"
+            "    engine.reconstruction_step()\n"
+            "print(dict(counters['inductor']), dict(counters['aot_autograd']))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(TESTS)], env=env, check=True, capture_output=True,
+                          text=True)
+    inductor, aot = (eval(part + "}") for part in done.stdout.strip().splitlines()[-1][:-1].split("} "))
+    assert inductor.get("fxgraph_cache_miss", 0) == 0 and inductor["fxgraph_cache_hit"] == 28  # 7 shapes x 2 modes
+    assert aot.get("autograd_cache_miss", 0) == 0 and aot["autograd_cache_hit"] == 14
+
+
+def test_launch_skips_a_worker_for_loss_terms_that_do_not_pickle(monkeypatch):
+    engine = hdrq_engine_with_distance(Runtime(compile=True))
+    engine.loss_terms["local"] = compile_ahead  # a module object: not picklable
+    monkeypatch.setattr(ReconstructionModule, "device", property(lambda self: torch.device("cuda", 0)))
+    assert compile_ahead.launch(engine) is None
