@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 import time
@@ -81,6 +82,8 @@ def main() -> None:
     parser.add_argument("--steps-per-batch", type=int, default=50)
     add_workload_arguments(parser)
     args = parse_workload_arguments(parser)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("hdrq").setLevel(logging.INFO)  # unit starts, the compile-ahead worker
     module, callbacks = build_engine(args.model, args.method, args.path, args.calibration, args.image,
                                      iters=args.iters, act_iters=max(1, args.iters // 4), batch_size=args.batch,
                                      checkpoint_every=args.steps_per_batch * 10,
