@@ -1,5 +1,6 @@
 """The reconstruction callbacks against closed forms and torch's own schedulers."""
 
+import io
 import pytest
 import torch
 
@@ -60,3 +61,16 @@ def test_distance_regularizer_ignores_unknown_layers_and_zero_weight():
     layer = torch.nn.Linear(2, 2)
     assert DistanceRegularizer({}, 0.05).penalty([("x", layer)]) is None
     assert DistanceRegularizer({"x.weight": layer.weight.detach()}, 0.0).penalty([("x", layer)]) is None
+
+
+def test_distance_regularizer_pickles_as_its_settings_only():
+    """Its loss term is sent to the compile-ahead worker; Lightning's log methods attached to it must not follow."""
+    layer = torch.nn.Linear(2, 2)
+    reg = DistanceRegularizer({"x.weight": layer.weight.detach() + 1}, 0.05)
+    reg.log = lambda *args: None  # what a Trainer attaches (a bound method of the LightningModule)
+    buffer = io.BytesIO()
+    torch.save(reg.penalty, buffer)
+    buffer.seek(0)
+    penalty = torch.load(buffer, weights_only=False)
+    assert not hasattr(penalty.__self__, "log")
+    assert penalty([("x", layer)]).item() == pytest.approx(reg.penalty([("x", layer)]).item())

@@ -21,8 +21,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _reconstruct(tmp_path, accelerator: str, graphs: bool) -> tuple[dict, dict]:
-    extra = [accelerator] + (["graphs"] if graphs else [])
+def _reconstruct(tmp_path, accelerator: str, graphs: bool, qdrop: bool = False) -> tuple[dict, dict]:
+    extra = [accelerator] + (["graphs"] if graphs else []) + (["qdrop"] if qdrop else [])
     single = tmp_path / "single.pt"
     subprocess.run([sys.executable, WORKER, "1", str(single), *extra], check=True, timeout=300, capture_output=True)
 
@@ -39,8 +39,10 @@ def _reconstruct(tmp_path, accelerator: str, graphs: bool) -> tuple[dict, dict]:
     return torch.load(single), torch.load(tmp_path / "ddp.pt")
 
 
-def test_two_process_reconstruction_equals_single_process(tmp_path):
-    expected, distributed = _reconstruct(tmp_path, "cpu", graphs=False)
+@pytest.mark.parametrize("method", ["brecq", "qdrop"])
+def test_two_process_reconstruction_equals_single_process(tmp_path, method):
+    """QDrop's random input mixing and in-block drop are drawn for the global batch and sliced per rank."""
+    expected, distributed = _reconstruct(tmp_path, "cpu", graphs=False, qdrop=method == "qdrop")
     assert expected.keys() == distributed.keys()
     for key in expected:
         torch.testing.assert_close(distributed[key], expected[key], atol=1e-5, rtol=1e-4, msg=key)

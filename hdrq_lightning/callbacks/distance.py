@@ -55,6 +55,11 @@ class DistanceRegularizer(Callback):
         """The penalty of named layers."""
         return self.distance([layer for _, layer in layers], self.sources(layers))
 
+    def __getstate__(self) -> dict[str, Any]:
+        # its loss term goes to the compile-ahead worker by pickle; Lightning attaches the module's log methods to
+        # callbacks, which would drag the whole engine along
+        return {"source_weights": self.source_weights, "weight": self.weight}
+
     def state_dict(self) -> dict[str, Any]:
         return {"weight": self.weight}
 

@@ -395,6 +395,7 @@ class ActivationQuantizer(_Quantizer):
         super().__init__(bits, symmetric, mode="float")
         self.learn_scale = learn_scale
         self.drop_prob: float = 0.0
+        self.batch_rows: tuple[int, int, int] | None = None  # (global batch, first row, end row) of the input
         self.register_buffer("signed", torch.tensor(False))
         self.qmin, self.qmax = integer_range(bits, signed=False)
         self._register_step(learn_scale)
@@ -436,8 +437,18 @@ class ActivationQuantizer(_Quantizer):
             quantized = fake_quantize_noise(
                 flat, scale, self.zero_point, self.qmin, self.qmax, self._noise_distribution
             )
-        quantized = restore(quantized)
         if self.training and self.drop_prob > 0:
-            # torch.rand (not rand_like) draws in logical order, so NCHW and channels-last runs drop alike
-            quantized = torch.where(torch.rand(x.shape, device=x.device) < self.drop_prob, x32, quantized)
-        return quantized.to(x.dtype)
+            # QDrop: each element keeps its float value with probability drop_prob; drawn on the memory-order view
+            # like the noise (one fused kernel; channels-last and NCHW runs drop different, equally likely elements)
+            quantized = torch.where(self._drop_uniforms(flat) < self.drop_prob, flat, quantized)
+        return restore(quantized).to(x.dtype)
+
+    def _drop_uniforms(self, flat: Tensor) -> Tensor:
+        """One uniform per element of the memory-order view. With ``batch_rows = (global batch, start, stop)`` the
+        draw is the global batch's, sliced to these rows (the batch is the outermost dim in memory, NCHW or
+        channels-last), so data-parallel ranks drop what one device with the global batch drops."""
+        if self.batch_rows is None:
+            return torch.rand(flat.shape, device=flat.device)
+        total, start, stop = self.batch_rows
+        per_row = flat.numel() // (stop - start)
+        return torch.rand(total * per_row, device=flat.device)[start * per_row : stop * per_row]

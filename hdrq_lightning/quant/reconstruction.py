@@ -262,7 +262,7 @@ class ReconstructionModule(L.LightningModule):
         # Every unit in its deterministic state for this pass; the current one gets its training modes below.
         act_mode = self._final_activation_mode(phase.pass_name)
         for _, quantizer in activation_quantizers(self.quant_model):
-            quantizer.drop_prob = 0.0
+            quantizer.drop_prob, quantizer.batch_rows = 0.0, None
             quantizer.eval()
             quantizer.set_mode(act_mode if bool(quantizer.initialized) else "float")
         cache = self._prepare_cache(phase)
@@ -279,6 +279,8 @@ class ReconstructionModule(L.LightningModule):
                 # QDrop's drop acts in training mode only; the models stay in eval mode (a Trainer does not switch
                 # them, and a dropout layer of the head must not drop)
                 quantizer.train()
+                local = self._local_slice()
+                quantizer.batch_rows = (recipe.batch_size, local.start, local.stop)  # drops as one device would
         if _trains_weights(phase.pass_name):
             mode = "adaround" if recipe.weight.rounding == "adaround" else "nearest"
             for _, layer in self.block_layers[phase.block]:
