@@ -124,7 +124,8 @@ class CompileAhead:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-            log.info("compile-ahead worker stopped before it finished")
+            lines = (self.folder / LOG).read_text(errors="replace").strip().splitlines()
+            log.info("compile-ahead worker stopped before it finished (last: %s)", lines[-1] if lines else "-")
         elif self.process.returncode:
             tail = (self.folder / LOG).read_text(errors="replace")[-2000:]
             log.warning("the compile-ahead worker failed (exit %d); the engine compiled its units itself:\n%s",
@@ -159,4 +160,6 @@ def launch(engine: Any) -> CompileAhead | None:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    log.setLevel(logging.INFO)  # the unit starts: how far ahead the worker is
     run_worker(Path(sys.argv[1]), sys.argv[2])
