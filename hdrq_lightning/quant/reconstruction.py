@@ -356,7 +356,8 @@ class ReconstructionModule(L.LightningModule):
                 quantizer.set_mode("nearest")
         if _trains_activations(phase.pass_name):
             for _, quantizer in activation_quantizers(block):
-                quantizer.drop_prob = 0.0
+                quantizer.drop_prob, quantizer.batch_rows = 0.0, None
+                quantizer.eval()
                 quantizer.set_mode("nearest")
         self._release_graph()
         self._lr_values.clear()
