@@ -57,6 +57,7 @@ def test_worker_fills_the_caches_the_engine_compiles_from(tmp_path):
     compile_ahead.write_payload(engine, tmp_path / "payload.pt")
     subprocess.run([sys.executable, "-m", "hdrq_lightning.quant.compile_ahead", str(tmp_path / "payload.pt"), "cpu"],
                    env=env, check=True, capture_output=True)
+    assert not (tmp_path / "payload.pt").exists()  # the worker process removes it once read
     code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
             "from torch._dynamo.utils import counters\n"
             "from engines import hdrq_engine_with_distance\n"

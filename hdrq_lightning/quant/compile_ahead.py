@@ -77,8 +77,11 @@ def apply_precision_settings(settings: tuple[str, Any, Any]) -> None:
             setattr(backend, name, value)
 
 
-def run_worker(path: Path, device: str) -> int:
-    """Build the twin engine from the payload at ``path`` and step it through its units; returns the steps run."""
+def run_worker(path: Path, device: str, remove_payload: bool = False) -> int:
+    """Build the twin engine from the payload at ``path`` and step it through its units; returns the steps run.
+
+    ``remove_payload``: delete the payload once read (the worker process does: no copy of the models is left
+    in the temp directory if the engine's process is killed)."""
     # imported here: the callbacks import the engine, which imports this module
     from hdrq_lightning.callbacks import NoiseToFakeQuantSwitch
     from hdrq_lightning.quant.fold import fold_batch_norm
@@ -87,6 +90,8 @@ def run_worker(path: Path, device: str) -> int:
     from hdrq_lightning.stages.quantize import quant_config
 
     payload = torch.load(path, map_location=device, weights_only=False)
+    if remove_payload:
+        path.unlink()
     apply_precision_settings(payload["precision"])
     module_name, _, function = payload["factory"][0].partition(":")
     fp_model = fold_batch_norm(getattr(importlib.import_module(module_name), function)(**payload["factory"][1]).eval())
@@ -162,4 +167,4 @@ def launch(engine: Any) -> CompileAhead | None:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     log.setLevel(logging.INFO)  # the unit starts: how far ahead the worker is
-    run_worker(Path(sys.argv[1]), sys.argv[2])
+    run_worker(Path(sys.argv[1]), sys.argv[2], remove_payload=True)
