@@ -1,6 +1,7 @@
 """The reconstruction callbacks against closed forms and torch's own schedulers."""
 
 import io
+
 import pytest
 import torch
 

@@ -3,6 +3,7 @@ and what it compiles is what the engine then loads from Inductor's caches."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -58,17 +59,17 @@ def test_worker_fills_the_caches_the_engine_compiles_from(tmp_path):
     subprocess.run([sys.executable, "-m", "hdrq_lightning.quant.compile_ahead", str(tmp_path / "payload.pt"), "cpu"],
                    env=env, check=True, capture_output=True)
     assert not (tmp_path / "payload.pt").exists()  # the worker process removes it once read
-    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1])\n"
             "from torch._dynamo.utils import counters\n"
             "from engines import hdrq_engine_with_distance\n"
             "from hdrq_lightning.quant.recipe import Runtime\n"
             "engine = hdrq_engine_with_distance(Runtime(compile=True))\n"
             "while not engine.finished:\n"
             "    engine.reconstruction_step()\n"
-            "print(dict(counters['inductor']), dict(counters['aot_autograd']))\n")
+            "print(json.dumps([counters['inductor'], counters['aot_autograd']]))\n")
     done = subprocess.run([sys.executable, "-c", code, str(TESTS)], env=env, check=True, capture_output=True,
                           text=True)
-    inductor, aot = (eval(part + "}") for part in done.stdout.strip().splitlines()[-1][:-1].split("} "))
+    inductor, aot = json.loads(done.stdout.strip().splitlines()[-1])
     assert inductor.get("fxgraph_cache_miss", 0) == 0 and inductor["fxgraph_cache_hit"] == 28  # 7 shapes x 2 modes
     assert aot.get("autograd_cache_miss", 0) == 0 and aot["autograd_cache_hit"] == 14
 
