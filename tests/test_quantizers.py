@@ -12,6 +12,7 @@ from hdrq_lightning.quant.noise import residual_histogram, rounding_residual_noi
 from hdrq_lightning.quant.quantizers import (
     ActivationQuantizer,
     WeightQuantizer,
+    batch_uniforms,
     fake_quantize_noise,
     flatten_in_memory_order,
     round_straight_through,
@@ -322,12 +323,13 @@ def test_activation_noise_pins_clipped_and_drop_keeps_float() -> None:
 
     quantizer.set_mode("nearest")
     quantized = quantizer(x)
-    quantizer.drop_prob = 0.5
-    quantizer.train()
+    quantizer.set_drop(0.5)
     kept_float = (quantizer(x) == x) & (quantized != x)
     assert kept_float.float().sum().item() / (quantized != x).sum().item() == pytest.approx(0.5, abs=0.05)
-    quantizer.eval()
+    quantizer.eval()  # no drop in eval mode, and none once set off
     assert torch.equal(quantizer(x), quantized)
+    quantizer.set_drop(0.0)
+    assert torch.equal(quantizer(x), quantized) and not quantizer.training
 
 
 def test_state_dict_round_trip_restores_modes_and_shapes() -> None:
@@ -397,3 +399,28 @@ def test_noise_gradients_are_the_chain_rule_of_the_textbook_form(per_channel: bo
     torch.testing.assert_close(out, textbook, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_t, expected_t, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_s, expected_s, rtol=1e-4, atol=1e-4)
+
+
+def test_drop_of_batch_slices_is_the_drop_of_the_whole_batch() -> None:
+    """Two data-parallel ranks holding rows 0:2 and 2:4 of a channels-last batch (same seed) drop exactly what one
+    device with the 4 rows drops, and the input mixing's draws (batch_uniforms) slice the same way."""
+    torch.manual_seed(3)
+    x = torch.rand(4, 3, 5, 5).contiguous(memory_format=torch.channels_last) * 3
+    quantizer = ActivationQuantizer(4)
+    quantizer.set_range(torch.tensor(0.2), torch.tensor(0.0), signed=False)
+    quantizer.set_mode("nearest")
+    outputs = []
+    for rows, part in (((4, 0, 4), x), ((4, 0, 2), x[:2]), ((4, 2, 4), x[2:])):
+        quantizer.set_drop(0.5, rows)
+        torch.manual_seed(11)
+        outputs.append(quantizer(part))
+    whole, first, second = outputs
+    assert torch.equal(torch.cat([first, second]), whole)
+    assert 0.3 < (whole == x).float().mean() < 0.7  # it does drop: about half the elements stay float
+    torch.manual_seed(5)
+    expected = torch.rand(4, 2, 3)
+    slices = []
+    for rows in ((4, 0, 1), (4, 1, 4)):
+        torch.manual_seed(5)
+        slices.append(batch_uniforms(rows, (2, 3), torch.device("cpu")))
+    assert torch.equal(torch.cat(slices), expected)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -159,7 +158,7 @@ def launch(engine: Any) -> CompileAhead | None:
     device = f"cuda:{engine.device.index if engine.device.index is not None else torch.cuda.current_device()}"
     with open(folder / LOG, "w") as output:
         process = subprocess.Popen([sys.executable, "-m", __name__, str(folder / PAYLOAD), device],
-                                   stdout=output, stderr=subprocess.STDOUT, env=os.environ.copy())
+                                   stdout=output, stderr=subprocess.STDOUT)
     log.info("compile-ahead worker %d compiles the remaining units' step graphs on %s", process.pid, device)
     return CompileAhead(process, folder)
 

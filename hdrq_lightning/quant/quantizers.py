@@ -58,6 +58,14 @@ def scale_gradient(x: Tensor, factor: float) -> Tensor:
     return detached + (x - detached) * factor
 
 
+def batch_uniforms(rows: tuple[int, int, int], row_shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """U[0, 1) draws for rows ``start:stop`` of a global batch of ``total`` rows (``rows = (total, start, stop)``),
+    each row of ``row_shape``: the global batch's draw sliced, so data-parallel ranks holding disjoint rows together
+    draw exactly what one device with the whole batch draws (QDrop's input mixing and in-block drop)."""
+    total, start, stop = rows
+    return torch.rand((total, *row_shape), device=device)[start:stop]
+
+
 def flatten_in_memory_order(t: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """``t`` as a 1-D view in the order of its memory, and the map from such a 1-D tensor back to ``t``'s layout.
 
@@ -400,6 +408,13 @@ class ActivationQuantizer(_Quantizer):
         self.qmin, self.qmax = integer_range(bits, signed=False)
         self._register_step(learn_scale)
 
+    def set_drop(self, prob: float, batch_rows: tuple[int, int, int] | None = None) -> None:
+        """QDrop's in-block drop: each element keeps its float value with probability ``prob`` (0: off). The drop
+        acts in training mode, which this sets too (the model around it may stay in eval mode, as under a
+        Trainer); ``batch_rows``: see ``batch_uniforms``."""
+        self.drop_prob, self.batch_rows = prob, batch_rows if prob > 0 else None
+        self.train(prob > 0)
+
     def set_range(self, scale: Tensor, zero_point: Tensor, signed: bool) -> None:
         """Install a scalar step, integer-valued zero point and grid signedness; marks it initialised."""
         self.qmin, self.qmax = integer_range(self.bits, signed)
@@ -444,11 +459,9 @@ class ActivationQuantizer(_Quantizer):
         return restore(quantized).to(x.dtype)
 
     def _drop_uniforms(self, flat: Tensor) -> Tensor:
-        """One uniform per element of the memory-order view. With ``batch_rows = (global batch, start, stop)`` the
-        draw is the global batch's, sliced to these rows (the batch is the outermost dim in memory, NCHW or
-        channels-last), so data-parallel ranks drop what one device with the global batch drops."""
+        """One uniform per element of the memory-order view; with ``batch_rows`` the global batch's draw (the batch
+        is the outermost dim in memory, NCHW or channels-last, so a row is a contiguous run of the view)."""
         if self.batch_rows is None:
             return torch.rand(flat.shape, device=flat.device)
-        total, start, stop = self.batch_rows
-        per_row = flat.numel() // (stop - start)
-        return torch.rand(total * per_row, device=flat.device)[start * per_row : stop * per_row]
+        _, start, stop = self.batch_rows
+        return batch_uniforms(self.batch_rows, (flat.numel() // (stop - start),), flat.device).reshape(-1)

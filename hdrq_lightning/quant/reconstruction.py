@@ -34,6 +34,7 @@ from hdrq_lightning.quant import compile_ahead
 from hdrq_lightning.quant.blocks import reconstruction_blocks
 from hdrq_lightning.quant.cache import CACHE_NAMES, CacheBudget, UnitCache, allocate, cache_budget_bytes
 from hdrq_lightning.quant.modules import activation_quantizers, calibrate_activations, quant_layers
+from hdrq_lightning.quant.quantizers import batch_uniforms
 from hdrq_lightning.quant.recipe import Recipe, Runtime
 
 log = logging.getLogger("hdrq")
@@ -262,8 +263,7 @@ class ReconstructionModule(L.LightningModule):
         # Every unit in its deterministic state for this pass; the current one gets its training modes below.
         act_mode = self._final_activation_mode(phase.pass_name)
         for _, quantizer in activation_quantizers(self.quant_model):
-            quantizer.drop_prob, quantizer.batch_rows = 0.0, None
-            quantizer.eval()
+            quantizer.set_drop(0.0)
             quantizer.set_mode(act_mode if bool(quantizer.initialized) else "float")
         cache = self._prepare_cache(phase)
         block = self.quant_blocks[phase.block]
@@ -273,14 +273,11 @@ class ReconstructionModule(L.LightningModule):
             if any(not bool(q.initialized) for q in quantizers):
                 chunks = (chunk.to(self.device, non_blocking=True) for chunk in cache.quant_input.split(recipe.batch_size))
                 calibrate_activations(block, chunks, search=recipe.init_search)
+            local = self._local_slice()
             for quantizer in quantizers:
                 quantizer.set_mode("nearest")
-                quantizer.drop_prob = recipe.drop_prob
-                # QDrop's drop acts in training mode only; the models stay in eval mode (a Trainer does not switch
-                # them, and a dropout layer of the head must not drop)
-                quantizer.train()
-                local = self._local_slice()
-                quantizer.batch_rows = (recipe.batch_size, local.start, local.stop)  # drops as one device would
+                # the quantizers train, the models stay in eval mode (a dropout layer of the head must not drop)
+                quantizer.set_drop(recipe.drop_prob, (recipe.batch_size, local.start, local.stop))
         if _trains_weights(phase.pass_name):
             mode = "adaround" if recipe.weight.rounding == "adaround" else "nearest"
             for _, layer in self.block_layers[phase.block]:
@@ -356,8 +353,7 @@ class ReconstructionModule(L.LightningModule):
                 quantizer.set_mode("nearest")
         if _trains_activations(phase.pass_name):
             for _, quantizer in activation_quantizers(block):
-                quantizer.drop_prob, quantizer.batch_rows = 0.0, None
-                quantizer.eval()
+                quantizer.set_drop(0.0)
                 quantizer.set_mode("nearest")
         self._release_graph()
         self._lr_values.clear()
@@ -375,7 +371,7 @@ class ReconstructionModule(L.LightningModule):
         for _, layer in quant_layers(self.quant_model):
             layer.weight_quantizer.set_mode("nearest")
         for _, quantizer in activation_quantizers(self.quant_model):
-            quantizer.drop_prob = 0.0
+            quantizer.set_drop(0.0)
             quantizer.set_mode(act_mode if bool(quantizer.initialized) else "float")
         self.quant_model.eval()
 
@@ -509,9 +505,9 @@ class ReconstructionModule(L.LightningModule):
                 for name in self._needed(pass_name)}
         inputs = rows["quant_input"]
         if "fp_input" in rows:
-            global_shape = (self.recipe.batch_size, *inputs.shape[1:])
             # drawn for the global batch in logical order: layout- and world-size-independent
-            mask = (torch.rand(global_shape, device=inputs.device) < self.recipe.input_quant_prob)[local]
+            batch_rows = (self.recipe.batch_size, local.start, local.stop)
+            mask = batch_uniforms(batch_rows, tuple(inputs.shape[1:]), inputs.device) < self.recipe.input_quant_prob
             inputs = torch.where(mask, inputs, rows["fp_input"])
         return inputs, rows["fp_target"]
 
