@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engines import hdrq_engine_with_distance
+from engines import hdrq_engine_with_distance, started_engine, three_block_stage_model
 
 from hdrq_lightning.quant import compile_ahead
 from hdrq_lightning.quant.recipe import Recipe, Runtime
@@ -48,6 +48,51 @@ def test_worker_steps_the_units_left_twice_each(tmp_path, start_unit):
     assert compile_ahead.run_worker(tmp_path / "payload.pt", "cpu") == 2 * (len(engine.plan) - start_unit)
 
 
+def test_the_worker_starts_past_the_graph_the_engine_compiles_itself():
+    """HDRQ before its noise switch: the twin starts at the current unit's fake-quant step; after it, or without
+    noise (QDrop), at the next unit; nothing once the last unit is in its last mode."""
+    hdrq = hdrq_engine_with_distance(Runtime())  # 6 iterations per unit, switch at 5
+    last = hdrq.plan[-1].start
+    starts = {}
+    for step in (0, 4, 5, last + 4, last + 5):
+        hdrq._step = step
+        starts[step] = compile_ahead.ahead_start(hdrq)
+    assert starts == {0: (0, 1), 4: (0, 1), 5: (1, 0), last + 4: (len(hdrq.plan) - 1, 1), last + 5: None}
+    fp, calibration = three_block_stage_model()
+    qdrop = started_engine(fp, calibration, Recipe(method="qdrop", iters=6, batch_size=8), Runtime())
+    assert compile_ahead.ahead_start(qdrop) == (1, 0)
+
+
+def test_worker_from_the_fake_quant_step_of_the_current_unit(tmp_path):
+    engine = hdrq_engine_with_distance(Runtime())
+    compile_ahead.write_payload(engine, tmp_path / "payload.pt", compile_ahead.ahead_start(engine))
+    twin = compile_ahead.build_twin(tmp_path / "payload.pt", "cpu")
+    modes = []
+    twin.step_hooks["record"] = lambda module: modes.append((module.phase.block, _weight_modes(module)))
+    while not twin.finished:
+        twin.reconstruction_step()
+    assert [block for block, _ in modes] == [0] + [b for b in range(1, len(engine.plan)) for _ in range(2)]
+    assert [mode for _, mode in modes] == ["nearest"] + ["noise", "nearest"] * (len(engine.plan) - 1)
+
+
+def _weight_modes(engine: ReconstructionModule) -> str:
+    """The one weight-quantizer mode of the engine's current unit (after its step hooks ran)."""
+    (mode,) = {layer.weight_quantizer.mode for _, layer in engine.current_layers()}
+    return mode
+
+
+@pytest.mark.parametrize("world", [(2, 0), (2, 1), (3, 2)])
+def test_the_twin_of_a_ddp_rank_takes_that_ranks_slice_of_the_batch(tmp_path, world):
+    """Every rank starts its own worker: a rank's graphs have its rows of the global batch (and its device)."""
+    engine = hdrq_engine_with_distance(Runtime())
+    engine.standalone_world = world  # as under a Trainer with this world size and rank
+    compile_ahead.write_payload(engine, tmp_path / "payload.pt")
+    twin = compile_ahead.build_twin(tmp_path / "payload.pt", "cpu")
+    assert twin._local_slice() == engine._local_slice() != slice(0, engine.recipe.batch_size)
+    drops = {q.batch_rows for q in twin.quant_blocks[0].modules() if hasattr(q, "batch_rows")}
+    assert drops == {(8, engine._local_slice().start, engine._local_slice().stop)}
+
+
 @pytest.mark.slow
 def test_worker_fills_the_caches_the_engine_compiles_from(tmp_path):
     """A cold worker (its own process, Inductor on the CPU) compiles every graph; an engine started afterwards in
@@ -61,7 +106,7 @@ def test_worker_fills_the_caches_the_engine_compiles_from(tmp_path):
     assert not (tmp_path / "payload.pt").exists()  # the worker process removes it once read
     code = ("import json, sys; sys.path.insert(0, sys.argv[1])\n"
             "from torch._dynamo.utils import counters\n"
-            "from engines import hdrq_engine_with_distance\n"
+            "from engines import hdrq_engine_with_distance, started_engine, three_block_stage_model\n"
             "from hdrq_lightning.quant.recipe import Runtime\n"
             "engine = hdrq_engine_with_distance(Runtime(compile=True))\n"
             "while not engine.finished:\n"

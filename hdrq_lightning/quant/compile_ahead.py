@@ -10,11 +10,16 @@ Inductor (FX graphs, AOT-autograd graphs, Triton kernels). When the engine reach
 hit: dynamo tracing and loading, about a second per graph. A unit's graphs compile in about 15 s and the unit then
 trains for 20-40 s, so after the first unit the worker stays ahead.
 
+The worker skips what the engine compiles itself as it starts: the current unit's graph in its current mode. With
+HDRQ's noise it begins with the current unit's fake-quant graph (needed at the noise switch, 3,500 iterations
+before the unit's end), otherwise with the next unit.
+
 Best effort: a worker that fails or falls behind costs only CPU time (the engine compiles what it does not find in
-the cache), and it is stopped when the engine's training ends. Started only on CUDA, with ``compile`` on, by local
-rank 0 (DDP ranks on one machine share the cache), for an engine given a ``model_factory``: the import path of a
-function and its keyword arguments that build the FP model before BN folding (modules do not pickle in general;
-weight-normed layers never do). The worker builds, folds and quantizes it as the quantize stage does and loads the
+the cache), and it is stopped when the engine's training ends. Started only on CUDA, with ``compile`` on, for an
+engine given a ``model_factory``: the import path of a function and its keyword arguments that build the FP model
+before BN folding (modules do not pickle in general; weight-normed layers never do). Under DDP every rank starts
+its own worker on its own GPU as that rank (its slice of the global batch): the ranks' graphs differ in their
+batch slice, and Inductor's cache keys carry the device index. The worker builds, folds and quantizes it as the quantize stage does and loads the
 engine's state dicts. Loss terms added by callbacks (the distance regulariser) are sent to the worker; they must
 pickle, or the worker is not started.
 """
@@ -50,14 +55,32 @@ def ahead_runtime(runtime: Any) -> Any:
                                cache_device="device", cache_budget_gib=None)
 
 
-def write_payload(engine: Any, path: Path) -> None:
-    """What the worker needs to build the engine's twin: models, recipe, runtime, loss terms, where to start."""
+def ahead_start(engine: Any) -> tuple[int, int] | None:
+    """Where the twin starts: (phase index, iteration of the twin's 2-step phase), past the graph the engine
+    compiles itself as it starts; None when nothing is left for the worker.
+
+    The engine's current phase in its current mode is the engine's own first compile. With HDRQ's noise still
+    ahead of the switch, the twin starts at its fake-quant step of that phase (its iteration 1), else at the next
+    phase."""
+    if engine.finished:
+        return None
+    index, noise = engine.plan.index(engine.phase), engine.recipe.noise
+    if noise.enabled and (noise.weights or noise.activations) \
+            and engine.phase_iteration < noise.switch_iteration(engine.phase.iters):
+        return index, 1
+    return (index + 1, 0) if index + 1 < len(engine.plan) else None
+
+
+def write_payload(engine: Any, path: Path, start: tuple[int, int] | None = None) -> None:
+    """What the worker needs to build the engine's twin: models, recipe, runtime, loss terms, the rank it
+    stands for, where to start (default: the beginning of the engine's current phase)."""
     calibration = engine.calibration
     torch.save({"factory": engine.model_factory, "fp_state": engine.fp_model.state_dict(),
                 "quant_state": engine.quant_model.state_dict(), "recipe": engine.recipe,
                 "runtime": engine.runtime, "loss_terms": dict(engine.loss_terms), "seed": engine.seed,
                 "image_shape": tuple(calibration.shape[1:]), "dtype": calibration.dtype,
-                "phase_index": engine.plan.index(engine.phase), "precision": precision_settings()}, path)
+                "start": start or (engine.plan.index(engine.phase), 0), "world": engine._world(),
+                "precision": precision_settings()}, path)
 
 
 def precision_settings() -> tuple[str, Any, Any]:
@@ -76,8 +99,8 @@ def apply_precision_settings(settings: tuple[str, Any, Any]) -> None:
             setattr(backend, name, value)
 
 
-def run_worker(path: Path, device: str, remove_payload: bool = False) -> int:
-    """Build the twin engine from the payload at ``path`` and step it through its units; returns the steps run.
+def build_twin(path: Path, device: str, remove_payload: bool = False) -> Any:
+    """The engine's twin from the payload at ``path``, started at the payload's phase and iteration.
 
     ``remove_payload``: delete the payload once read (the worker process does: no copy of the models is left
     in the temp directory if the engine's process is killed)."""
@@ -104,9 +127,17 @@ def run_worker(path: Path, device: str, remove_payload: bool = False) -> int:
     engine = ReconstructionModule(fp_model, quant_model, calibration, recipe,
                                   seed=payload["seed"], runtime=ahead_runtime(payload["runtime"])).to(device)
     engine.loss_terms.update(payload["loss_terms"])
+    engine.standalone_world = payload["world"]  # a DDP rank's twin compiles that rank's slice of the batch
     NoiseToFakeQuantSwitch(recipe.noise).attach(engine)
-    engine._step = engine.plan[payload["phase_index"]].start  # a resumed engine needs only the units it has left
+    phase, iteration = payload["start"]
+    engine._step = engine.plan[phase].start + iteration  # a resumed engine needs only the units it has left
     engine.start()
+    return engine
+
+
+def run_worker(path: Path, device: str, remove_payload: bool = False) -> int:
+    """Build the twin (``build_twin``) and step it through the units it has; returns the steps run."""
+    engine = build_twin(path, device, remove_payload)
     steps = 0
     while not engine.finished:
         engine.reconstruction_step()
@@ -140,16 +171,17 @@ class CompileAhead:
 def launch(engine: Any) -> CompileAhead | None:
     """Start the worker for ``engine`` (at the start of its training), or None where it does not apply."""
     runtime = engine.runtime
-    if not (runtime.compile and runtime.compile_ahead and engine.device.type == "cuda") or engine.finished:
+    if not (runtime.compile and runtime.compile_ahead and engine.device.type == "cuda"):
         return None
     if engine.model_factory is None:
         log.info("no compile-ahead worker: the engine was given no model_factory to rebuild its model from")
         return None
-    if engine._trainer is not None and engine.trainer.local_rank != 0:
+    start = ahead_start(engine)
+    if start is None:
         return None
     folder = Path(tempfile.mkdtemp(prefix="hdrq-compile-ahead-"))
     try:
-        write_payload(engine, folder / PAYLOAD)
+        write_payload(engine, folder / PAYLOAD, start)
     except Exception as error:  # e.g. a loss term that does not pickle: run without the worker
         log.warning("compile-ahead worker not started (%s: %s); the engine compiles each unit itself",
                     type(error).__name__, error)
@@ -159,7 +191,8 @@ def launch(engine: Any) -> CompileAhead | None:
     with open(folder / LOG, "w") as output:
         process = subprocess.Popen([sys.executable, "-m", __name__, str(folder / PAYLOAD), device],
                                    stdout=output, stderr=subprocess.STDOUT)
-    log.info("compile-ahead worker %d compiles the remaining units' step graphs on %s", process.pid, device)
+    log.info("compile-ahead worker %d compiles the remaining units' step graphs on %s (rank %d of %d)",
+             process.pid, device, engine._world()[1], engine._world()[0])
     return CompileAhead(process, folder)
 
 

@@ -142,6 +142,9 @@ class ReconstructionModule(L.LightningModule):
         self._lr_values: dict[int, float] = {}  # last value written to each device lr tensor
         self._graph: _StepGraph | None = None
         self._ahead: compile_ahead.CompileAhead | None = None
+        # (world size, rank) when no Trainer drives the engine: the compile-ahead twin of a DDP rank takes its
+        # rank's slice of the global batch, so that it compiles that rank's graphs
+        self.standalone_world = (1, 0)
         if self.recipe.checkpoint_every % self.runtime.steps_per_batch:
             raise ConfigError(f"quant.checkpoint_every ({recipe.checkpoint_every}) must be a multiple of "
                               f"quant.runtime.steps_per_batch ({self.runtime.steps_per_batch}).")
@@ -469,7 +472,7 @@ class ReconstructionModule(L.LightningModule):
 
     def _world(self) -> tuple[int, int]:
         if self._trainer is None:
-            return 1, 0
+            return self.standalone_world
         return self.trainer.world_size, self.trainer.global_rank
 
     # The global batch: every rank draws the same indices and mixing mask and computes its slice, so N ranks
