@@ -124,3 +124,18 @@ def test_launch_skips_a_worker_for_loss_terms_that_do_not_pickle(monkeypatch):
     engine.loss_terms["local"] = compile_ahead  # a module object: not picklable
     monkeypatch.setattr(ReconstructionModule, "device", property(lambda self: torch.device("cuda", 0)))
     assert compile_ahead.launch(engine) is None
+
+
+def test_stopping_the_worker_reports_the_engines_cache_hits(tmp_path, caplog, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    monkeypatch.setitem(counters, "inductor", counters["inductor"].copy())
+    worker = compile_ahead.CompileAhead(process, tmp_path / "worker")
+    counters["inductor"]["fxgraph_cache_hit"] += 5
+    counters["inductor"]["fxgraph_cache_miss"] += 2
+    with caplog.at_level("INFO", logger="hdrq"):
+        worker.stop()
+    assert "5 loaded from the cache, 2 compiled by the engine itself" in caplog.text
+    assert not (tmp_path / "worker").exists()

@@ -145,13 +145,25 @@ def run_worker(path: Path, device: str, remove_payload: bool = False) -> int:
     return steps
 
 
+def graph_cache_counts() -> tuple[int, int]:
+    """(hits, misses) of Inductor's FX-graph cache in this process so far (one per compiled forward/backward)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+
 class CompileAhead:
-    """The worker process of one engine run; ``stop()`` ends it (if still running) and removes its files."""
+    """The worker process of one engine run; ``stop()`` ends it (if still running), says how many of the engine's
+    graphs came from the cache, and removes its files."""
 
     def __init__(self, process: subprocess.Popen, folder: Path) -> None:
         self.process, self.folder = process, folder
+        self.counts_at_start = graph_cache_counts()
 
     def stop(self) -> None:
+        hits, misses = (now - then for now, then in zip(graph_cache_counts(), self.counts_at_start))
+        log.info("compiled step graphs of the engine: %d loaded from the cache, %d compiled by the engine itself",
+                 hits, misses)
         if self.process.poll() is None:
             self.process.terminate()
             try:
