@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE.format(stages=stages))
         return
     stage, overrides = argv[0], argv[1:]
+    named = [arg.partition("=")[2] for arg in argv if arg.startswith("stage=")]
+    if stage not in STAGES and named and named[-1] in STAGES:
+        # a re-launch with the stage among the overrides: the DDP processes that Lightning starts for ranks > 0
+        stage, overrides = named[-1], [arg for arg in argv if not arg.startswith("stage=")]
     if stage not in STAGES:
         print(f"hdrq: unknown stage '{stage}'.\n\n" + USAGE.format(stages=stages), file=sys.stderr)
         sys.exit(2)
@@ -105,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.getLogger("hdrq").setLevel(logging.INFO)
     flags, overrides = split_hydra_flags(overrides)
-    sys.argv = [f"hdrq {stage}", *flags, *overrides, f"stage={stage}"]
+    # argv[0] stays the program that was run: Lightning's DDP launcher starts the other ranks with
+    # `python <argv[0]> <argv[1:]>` (or `python -m <module> <argv[1:]>`), which must come back here
+    sys.argv = [sys.argv[0], *flags, *overrides, f"stage={stage}"]
     hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(_task)()
 
 

@@ -93,3 +93,19 @@ def test_killed_adapt_resumes_from_its_last_checkpoint(compose_cfg, tmp_path):
     for target in ("negative", "textured", "rotated"):
         metrics = read_json(tmp_path / f"runs/digits/adapt/{target}/metrics.json")
         assert metrics["status"] == "done"
+
+
+def test_data_parallel_quantize_through_the_cli(compose_cfg, tmp_path):
+    """`hdrq quantize trainer=ddp`: Lightning starts rank 1 by re-running the command line it finds in sys.argv,
+    which must come back to the same stage (2 CPU processes over gloo)."""
+    run_source(compose_cfg("source"))
+    run_adapt(compose_cfg("adapt", "data.targets=[negative]"))
+    env = {**os.environ, "HDRQ_RUNS_DIR": str(tmp_path / "runs"), "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "hdrq_lightning.cli", "quantize", *TINY, "quant=qdrop", "data.targets=[negative]",
+            "trainer=ddp", "trainer.devices=2"]
+    done = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log
+    metrics = read_json(tmp_path / "runs/digits/quantize/qdrop_w4a4/negative/metrics.json")
+    assert metrics["status"] == "done" and 0 <= metrics["quant_acc"] <= 100
