@@ -83,15 +83,16 @@ def main() -> None:
             sys.exit(f"{experiment_runs / stage} is missing: run `hdrq {stage} experiment={args.experiment}` first "
                      f"(or point --runs at the runs dir that holds it).")
     sweep = [f"experiment={args.experiment}", *args.sweep]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="hdrq-paths-") as work:
         results = []
         for name in args.paths:
             results.append(run_path(name, PATHS[name], sweep, experiment_runs, Path(work)))
             print(json.dumps({k: v for k, v in results[-1].items() if k != "experts"}), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "paths_accuracy.json").write_text(json.dumps({"sweep": sweep, "results": results}, indent=2))
-    (out / "paths_accuracy.md").write_text(table(results))
+            # after every path: a run cut short keeps the paths it finished
+            (out / "paths_accuracy.json").write_text(json.dumps({"sweep": sweep, "results": results}, indent=2))
+            (out / "paths_accuracy.md").write_text(table(results))
     print(table(results))
 
 

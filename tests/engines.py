@@ -35,22 +35,27 @@ def three_block_stage_model() -> tuple[torch.nn.Module, torch.Tensor]:
 
 
 def started_engine(fp: torch.nn.Module, calibration: torch.Tensor, recipe: Recipe, runtime: Runtime,
-                   device: str = "cpu", model_factory: tuple[str, dict] | None = None) -> ReconstructionModule:
+                   device: str = "cpu", model_factory: tuple[str, dict] | None = None,
+                   world: tuple[int, int] = (1, 0)) -> ReconstructionModule:
     """A freshly quantized engine on ``device`` with the lr-schedule and noise-switch hooks, at its first step."""
     module = ReconstructionModule(fp, quantize_model(fp, quant_config(recipe)), calibration, recipe,
                                   runtime=runtime, model_factory=model_factory).to(device)
+    module.standalone_world = world
     CosineWarmup(recipe.warmup_fraction).attach(module)
     NoiseToFakeQuantSwitch(recipe.noise).attach(module)
     module.start()
     return module
 
 
-def hdrq_engine_with_distance(runtime: Runtime, iters: int = 6) -> ReconstructionModule:
-    """HDRQ (noise switch at 5 of 6 iterations, distance regulariser on) on ``three_block_stage_model``."""
+def hdrq_engine_with_distance(runtime: Runtime, iters: int = 6, world: tuple[int, int] = (1, 0)
+                              ) -> ReconstructionModule:
+    """HDRQ (noise switch at 5 of 6 iterations, distance regulariser on) on ``three_block_stage_model``, as rank
+    ``world[1]`` of ``world[0]`` (without a Trainer: its slice of the global batch)."""
     recipe = Recipe(method="hdrq", iters=iters, batch_size=8, distance_weight=5e-2, noise=NoiseRecipe(enabled=True),
                     weight=WeightRecipe(rounding="latent", symmetric=True, learn_scale=True, lr=1e-4,
                                         schedule="warmup_cosine"))
     fp, calibration = three_block_stage_model()
-    engine = started_engine(fp, calibration, recipe, runtime, model_factory=("engines:three_block_stage_net", {}))
+    engine = started_engine(fp, calibration, recipe, runtime, model_factory=("engines:three_block_stage_net", {}),
+                            world=world)
     DistanceRegularizer(fp.state_dict(), recipe.distance_weight).attach(engine)
     return engine

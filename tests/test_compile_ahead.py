@@ -84,8 +84,7 @@ def _weight_modes(engine: ReconstructionModule) -> str:
 @pytest.mark.parametrize("world", [(2, 0), (2, 1), (3, 2)])
 def test_the_twin_of_a_ddp_rank_takes_that_ranks_slice_of_the_batch(tmp_path, world):
     """Every rank starts its own worker: a rank's graphs have its rows of the global batch (and its device)."""
-    engine = hdrq_engine_with_distance(Runtime())
-    engine.standalone_world = world  # as under a Trainer with this world size and rank
+    engine = hdrq_engine_with_distance(Runtime(), world=world)  # as under a Trainer with this world and rank
     compile_ahead.write_payload(engine, tmp_path / "payload.pt")
     twin = compile_ahead.build_twin(tmp_path / "payload.pt", "cpu")
     assert twin._local_slice() == engine._local_slice() != slice(0, engine.recipe.batch_size)
@@ -94,21 +93,23 @@ def test_the_twin_of_a_ddp_rank_takes_that_ranks_slice_of_the_batch(tmp_path, wo
 
 
 @pytest.mark.slow
-def test_worker_fills_the_caches_the_engine_compiles_from(tmp_path):
+@pytest.mark.parametrize("world", [(1, 0), (2, 1)])
+def test_worker_fills_the_caches_the_engine_compiles_from(tmp_path, world):
     """A cold worker (its own process, Inductor on the CPU) compiles every graph; an engine started afterwards in
-    another process finds them all: no FX-graph cache miss, every AOT-autograd graph a hit."""
+    another process finds them all: no FX-graph cache miss, every AOT-autograd graph a hit. Also for rank 1 of
+    2 (the engine as a DDP rank sees it: its half of the global batch)."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    engine = hdrq_engine_with_distance(Runtime(compile=True))
+    engine = hdrq_engine_with_distance(Runtime(compile=True), world=world)
     compile_ahead.write_payload(engine, tmp_path / "payload.pt")
     subprocess.run([sys.executable, "-m", "hdrq_lightning.quant.compile_ahead", str(tmp_path / "payload.pt"), "cpu"],
                    env=env, check=True, capture_output=True)
     assert not (tmp_path / "payload.pt").exists()  # the worker process removes it once read
     code = ("import json, sys; sys.path.insert(0, sys.argv[1])\n"
             "from torch._dynamo.utils import counters\n"
-            "from engines import hdrq_engine_with_distance, started_engine, three_block_stage_model\n"
+            "from engines import hdrq_engine_with_distance\n"
             "from hdrq_lightning.quant.recipe import Runtime\n"
-            "engine = hdrq_engine_with_distance(Runtime(compile=True))\n"
+            f"engine = hdrq_engine_with_distance(Runtime(compile=True), world={world})\n"
             "while not engine.finished:\n"
             "    engine.reconstruction_step()\n"
             "print(json.dumps([counters['inductor'], counters['aot_autograd']]))\n")
