@@ -111,6 +111,10 @@ def test_cli_bad_input_is_one_paragraph(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr and "2 to 8" in out.stderr
     out = _hdrq("frobnicate", cwd=tmp_path)
     assert out.returncode == 2 and "unknown stage" in out.stderr
+    # every DDP rank would run every stage: the error says how to run the reconstructions data-parallel
+    out = _hdrq("pipeline", "trainer=ddp", f"paths.runs_dir={tmp_path}", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "trainer=ddp" in out.stderr
+    assert not (tmp_path / "digits" / "source").exists()
 
 
 def test_hydra_flags_go_before_the_overrides():

@@ -15,6 +15,7 @@ import lightning as L
 from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from torch import nn
@@ -63,8 +64,9 @@ def load_model(cfg: DictConfig, num_classes: int, weights: Path) -> ShotNet:
 
 
 def start_fresh_if_forced(cfg: DictConfig, run: StageRun) -> bool:
-    """True if the stage must (re)run; with force=true its old run dir is cleared first."""
-    if cfg.force and run.dir.exists():
+    """True if the stage must (re)run; with force=true its old run dir is cleared first (by rank 0 only: under
+    DDP the other ranks start later, when rank 0 has cleared it and written the new run's first files)."""
+    if cfg.force and run.dir.exists() and rank_zero_only.rank == 0:
         log.info("force=true: clearing %s", run.dir)
         shutil.rmtree(run.dir)
     if run.is_done():

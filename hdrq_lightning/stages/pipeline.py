@@ -39,6 +39,14 @@ def variant(overrides: list[str], extra: list[str]) -> DictConfig:
 
 
 def run_pipeline(cfg: DictConfig) -> dict:
+    if str(cfg.trainer.get("strategy", "auto")).startswith("ddp"):
+        # Lightning's DDP re-runs the whole command per rank: every rank would run every stage of the pipeline
+        raise ConfigError(
+            "the pipeline runs in one process; trainer=ddp spreads one quantize job over GPUs. Run the "
+            "reconstructions data-parallel first (`hdrq quantize -m quant=brecq,qdrop,hdrq quant.w_bits=4,3 "
+            "'quant.a_bits=${quant.w_bits}' trainer=ddp trainer.devices=N`, with your experiment's overrides), "
+            "then `hdrq pipeline` without trainer=ddp: it skips the finished quantize runs and merges, evaluates "
+            "and analyses them.")
     if not HydraConfig.initialized():
         raise ConfigError("the pipeline composes a config per method and bit width: run it through the CLI "
                           "(`hdrq pipeline ...`).")
