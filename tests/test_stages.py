@@ -109,3 +109,17 @@ def test_data_parallel_quantize_through_the_cli(compose_cfg, tmp_path):
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log
     metrics = read_json(tmp_path / "runs/digits/quantize/qdrop_w4a4/negative/metrics.json")
     assert metrics["status"] == "done" and 0 <= metrics["quant_acc"] <= 100
+
+
+@pytest.mark.slow
+def test_data_parallel_sweep_through_the_cli(compose_cfg, tmp_path):
+    """`hdrq quantize -m ... trainer=ddp`: rank 1 re-runs the whole multirun and walks it in step with rank 0."""
+    run_source(compose_cfg("source"))
+    run_adapt(compose_cfg("adapt", "data.targets=[negative]"))
+    env = {**os.environ, "HDRQ_RUNS_DIR": str(tmp_path / "runs"), "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "hdrq_lightning.cli", "quantize", "-m", *TINY, "quant=qdrop,hdrq",
+            "data.targets=[negative]", "trainer=ddp", "trainer.devices=2"]
+    done = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    for method in ("qdrop", "hdrq"):
+        assert read_json(tmp_path / f"runs/digits/quantize/{method}_w4a4/negative/metrics.json")["status"] == "done"
