@@ -58,11 +58,16 @@ def claim_gpu(poll_seconds: float = 5.0) -> int | None:
         time.sleep(poll_seconds)
 
 
+def data_parallel(trainer_cfg) -> bool:
+    """Whether the trainer config asks for DDP (``trainer=ddp`` or any ``ddp*`` strategy): Lightning then runs the
+    command once per rank."""
+    return str(trainer_cfg.get("strategy", "auto")).startswith("ddp")
+
+
 def place_job(cfg) -> None:
     """With ``claim_gpu`` (default on), a single-device job on a multi-GPU machine runs on the GPU it claims."""
     trainer = cfg.trainer
-    single = str(trainer.get("devices", 1)) in ("1", "auto") and not str(trainer.get("strategy", "auto")).startswith(
-        "ddp")
+    single = str(trainer.get("devices", 1)) in ("1", "auto") and not data_parallel(trainer)
     if cfg.get("claim_gpu", True) and single and str(trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda"):
         index = claim_gpu()
         if index is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from hdrq_lightning.artifacts import StageRun
 from hdrq_lightning.errors import HdrqError
 from hdrq_lightning.merge import get_merge_method
 from hdrq_lightning.quant.recipe import Recipe
-from hdrq_lightning.stages.common import build_datamodule, build_loggers, build_model
+from hdrq_lightning.stages.common import build_datamodule, build_loggers, build_model, model_spec
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -47,8 +48,13 @@ def test_merge_groups_build_methods(compose_cfg, merge):
 
 @pytest.mark.parametrize("model", options("model"))
 def test_model_groups_build(compose_cfg, model):
-    net = build_model(compose_cfg("source", f"model={model}"), num_classes=5)
+    cfg = compose_cfg("source", f"model={model}")
+    net = build_model(cfg, num_classes=5)
     assert net.classifier.out_features == 5
+    # the spec the compile-ahead worker rebuilds from: the same parameters, by name and shape
+    module_name, _, function = model_spec(cfg, 5)[0].partition(":")
+    twin = getattr(importlib.import_module(module_name), function)(**model_spec(cfg, 5)[1])
+    assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
 
 
 @pytest.mark.parametrize("trainer", options("trainer"))
@@ -113,7 +119,8 @@ def test_cli_bad_input_is_one_paragraph(tmp_path):
     assert out.returncode == 2 and "unknown stage" in out.stderr
     # every DDP rank would run every stage: the error says how to run the reconstructions data-parallel
     out = _hdrq("pipeline", "trainer=ddp", f"paths.runs_dir={tmp_path}", cwd=tmp_path)
-    assert out.returncode == 2 and "Traceback" not in out.stderr and "trainer=ddp" in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "then `hdrq pipeline` without trainer=ddp" in " ".join(out.stderr.split())
     assert not (tmp_path / "digits" / "source").exists()
 
 

@@ -109,6 +109,12 @@ def test_data_parallel_quantize_through_the_cli(compose_cfg, tmp_path):
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log
     metrics = read_json(tmp_path / "runs/digits/quantize/qdrop_w4a4/negative/metrics.json")
     assert metrics["status"] == "done" and 0 <= metrics["quant_acc"] <= 100
+    # force=true: rank 0 clears the run dir before rank 1 starts; rank 1 must not clear what rank 0 then wrote
+    done = subprocess.run([*args, "force=true"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert log.count("force=true: clearing") == 1
+    assert read_json(tmp_path / "runs/digits/quantize/qdrop_w4a4/negative/metrics.json")["status"] == "done"
 
 
 @pytest.mark.slow

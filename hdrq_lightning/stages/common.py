@@ -52,9 +52,17 @@ def build_datamodule(cfg: DictConfig):
         raise
 
 
-def build_model(cfg: DictConfig, num_classes: int) -> ShotNet:
+def model_spec(cfg: DictConfig, num_classes: int) -> tuple[str, dict[str, Any]]:
+    """("module:function", kwargs) that builds the experiment's network with random weights: importable in another
+    process (the compile-ahead worker rebuilds the model from it and loads the weights it is sent)."""
     m = cfg.model
-    return build_shot_net(m.backbone, num_classes, m.bottleneck_dim, m.pretrained, m.checkpoint_path)
+    return "hdrq_lightning.models.shot:build_shot_net", {"backbone": m.backbone, "num_classes": num_classes,
+                                                          "bottleneck_dim": m.bottleneck_dim}
+
+
+def build_model(cfg: DictConfig, num_classes: int) -> ShotNet:
+    _, kwargs = model_spec(cfg, num_classes)
+    return build_shot_net(**kwargs, pretrained=cfg.model.pretrained, checkpoint_path=cfg.model.checkpoint_path)
 
 
 def load_model(cfg: DictConfig, num_classes: int, weights: Path) -> ShotNet:

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from hdrq_lightning.analysis import BarrierCurve
 from hdrq_lightning.artifacts import read_json
 from hdrq_lightning.errors import ConfigError
+from hdrq_lightning.gpus import data_parallel
 from hdrq_lightning.report import log_summary_to_wandb, write_summary
 from hdrq_lightning.stages.adapt import run_adapt
 from hdrq_lightning.stages.analyze import run_analyze
@@ -39,7 +40,7 @@ def variant(overrides: list[str], extra: list[str]) -> DictConfig:
 
 
 def run_pipeline(cfg: DictConfig) -> dict:
-    if str(cfg.trainer.get("strategy", "auto")).startswith("ddp"):
+    if data_parallel(cfg.trainer):
         # Lightning's DDP re-runs the whole command per rank: every rank would run every stage of the pipeline
         raise ConfigError(
             "the pipeline runs in one process; trainer=ddp spreads one quantize job over GPUs. Run the "

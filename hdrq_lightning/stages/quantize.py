@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from hdrq_lightning.artifacts import require_compatible
 from hdrq_lightning.callbacks import CosineWarmup, DistanceRegularizer, NoiseToFakeQuantSwitch
 from hdrq_lightning.evaluation import domain_accuracy
+from hdrq_lightning.gpus import data_parallel
 from hdrq_lightning.quant.distributed import ManualSyncDDPStrategy
 from hdrq_lightning.quant.export import export_integer_state, save_integer_state
 from hdrq_lightning.quant.fold import fold_batch_norm
@@ -24,6 +25,7 @@ from hdrq_lightning.stages.common import (
     fingerprints,
     load_model,
     log,
+    model_spec,
     quantized_metadata,
     resume_path,
     stage_run,
@@ -72,10 +74,8 @@ def quantize_one(cfg: DictConfig, dm, recipe: Recipe, source_folded: torch.nn.Mo
     runtime = Runtime.from_config(cfg.quant.get("runtime"))
     if runtime.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    factory = ("hdrq_lightning.models.shot:build_shot_net", {"backbone": cfg.model.backbone,
-               "num_classes": dm.num_classes, "bottleneck_dim": cfg.model.bottleneck_dim})
     module = ReconstructionModule(fp_model, quant_model, calibration, recipe, seed=cfg.seed, runtime=runtime,
-                                  model_factory=factory)
+                                  model_factory=model_spec(cfg, dm.num_classes))
     callbacks = [CosineWarmup(recipe.warmup_fraction)]
     if recipe.noise.enabled:
         callbacks.append(NoiseToFakeQuantSwitch(recipe.noise))
@@ -83,7 +83,7 @@ def quantize_one(cfg: DictConfig, dm, recipe: Recipe, source_folded: torch.nn.Mo
         source_weights = {k: v for k, v in source_folded.state_dict().items() if k.endswith("weight")}
         callbacks.append(DistanceRegularizer(source_weights, recipe.distance_weight))
     distributed = {}
-    if str(cfg.trainer.get("strategy", "auto")).startswith("ddp"):
+    if data_parallel(cfg.trainer):
         # The engine all-reduces the current unit's gradients itself (see quant/distributed.py).
         distributed["strategy"] = ManualSyncDDPStrategy()
     trainer = build_trainer(cfg, run, "quantize", tags=[recipe.method, f"w{recipe.w_bits}a{recipe.a_bits}", target],
