@@ -1,13 +1,16 @@
 """A whole reconstruction through the Lightning Trainer, timed unit by unit (a benchmark, not a test).
 
     python bench/full_run.py --model resnet50 --method hdrq --iters 400 --path fast
+    python bench/full_run.py --model resnet50 --method qdrop --iters 10000 --devices 2   # data-parallel (DDP)
 
 Runs every unit of the model (stem, all residual blocks, head) for ``--iters`` iterations per unit with the real
 callbacks (lr schedule, noise switch, distance regulariser) and the Lightning loop, as `hdrq quantize` does, and
 times per unit: building its cache, the first steps after each mode change (compilation and CUDA-graph capture)
 and the steady iterations. The whole-model time at 20,000 iterations per unit is then
 sum over units of (cache + first steps + steady ms/iter x the remaining iterations), i.e. measured, not
-assumed, one-off costs. Writes <out>/full_run_<model>_<method>_<path>.json.
+assumed, one-off costs. Writes <out>/full_run_<model>_<method>_<path>.json. With ``--devices N`` (N > 1) the run is
+data-parallel as `hdrq quantize trainer=ddp` runs it (the global batch split over N processes, one compile-ahead
+worker per rank); every rank writes its own file, ..._rank<r>.json, with its own cache hits.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from bench.reconstruction import (  # noqa: E402
     build_engine,
     parse_workload_arguments,
 )
+from hdrq_lightning.quant.distributed import ManualSyncDDPStrategy  # noqa: E402
 from hdrq_lightning.quant.recipe import Recipe  # noqa: E402
 from hdrq_lightning.quant.reconstruction import ReconstructionModule  # noqa: E402
 
@@ -80,6 +84,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=400, help="iterations per unit in this run")
     parser.add_argument("--target-iters", type=int, default=20000, help="iterations per unit to extrapolate to")
     parser.add_argument("--steps-per-batch", type=int, default=50)
+    parser.add_argument("--devices", type=int, default=1, help="> 1: data-parallel over this many GPUs (DDP)")
     add_workload_arguments(parser)
     args = parse_workload_arguments(parser)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -94,10 +99,12 @@ def main() -> None:
     if min(switch, args.iters - switch) < 2 * FIRST_STEPS and recipe.noise.enabled or args.iters < 2 * FIRST_STEPS:
         raise SystemExit(f"--iters {args.iters} leaves too few steady steps around the noise switch; use >= 100.")
     timer = UnitTimer(module, recipe)  # a step hook: runs before the callbacks' hooks (host work only)
-    trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, logger=False,
+    # data-parallel as the quantize stage runs it: the engine all-reduces the unit's gradients itself
+    distributed = dict(strategy=ManualSyncDDPStrategy(), use_distributed_sampler=False) if args.devices > 1 else {}
+    trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=args.devices, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, max_epochs=math.ceil(module.total_iters / recipe.checkpoint_every),
-                        callbacks=callbacks)
+                        callbacks=callbacks, **distributed)
     started = time.perf_counter()
     trainer.fit(module)
     if args.device == "cuda":
@@ -139,6 +146,7 @@ def main() -> None:
     extrapolated += finish_s
     cuda = args.device == "cuda"
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "args": vars(args),
+              "rank": trainer.global_rank, "world": trainer.world_size,
               "wall_seconds": round(ended - started, 1),
               "extrapolated_minutes": round(extrapolated / 60, 2),
               "one_off_minutes": round((sum(u["cache_s"] + u["first_steps_s"] for u in units) + finish_s) / 60, 2),
@@ -152,7 +160,8 @@ def main() -> None:
                                     for name, count in counters[group].items() if "cache" in name}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"full_run_{args.model}_{args.method}_{args.path}.json").write_text(json.dumps(result, indent=2))
+    suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+    (out / f"full_run_{args.model}_{args.method}_{args.path}{suffix}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "units"}, indent=2))
 
 
