@@ -11,20 +11,17 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 
+from hdrq_lightning.callbacks.engine import EngineCallback
 from hdrq_lightning.quant.reconstruction import LossTerm
 
 
-class DistanceRegularizer(Callback):
+class DistanceRegularizer(EngineCallback):
     """Adds ``weight * sum ||W - W_source||`` over the trained layers of the current block to the engine's loss."""
 
     def __init__(self, source_weights: Mapping[str, torch.Tensor], weight: float = 5e-2) -> None:
         self.source_weights = dict(source_weights)
         self.weight = weight
-
-    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
-        self.attach(pl_module)
 
     def attach(self, engine: Any) -> None:
         """Add the penalty to the engine's loss (also when the engine is driven without a Trainer)."""

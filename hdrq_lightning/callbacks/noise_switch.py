@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
-from lightning.pytorch.callbacks import Callback
-
+from hdrq_lightning.callbacks.engine import EngineCallback
 from hdrq_lightning.quant.recipe import NoiseRecipe
 
 
-class NoiseToFakeQuantSwitch(Callback):
+class NoiseToFakeQuantSwitch(EngineCallback):
     """Noise for iterations < switch, round-to-nearest fake-quant (straight-through) from the switch on.
 
     With the paper's 20k iterations the switch is at 20000 - 3500; shorter runs keep the same proportion.
@@ -21,9 +19,6 @@ class NoiseToFakeQuantSwitch(Callback):
 
     def phase_mode(self, iteration: int, iters: int) -> str:
         return "noise" if iteration < self.noise.switch_iteration(iters) else "nearest"
-
-    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
-        self.attach(pl_module)
 
     def attach(self, engine: Any) -> None:
         """Run before every engine iteration (also when the engine is driven without a Trainer)."""

@@ -10,8 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import lightning as L
-from lightning.pytorch.callbacks import Callback
+from hdrq_lightning.callbacks.engine import EngineCallback
 
 
 def warmup_cosine_factor(iteration: int, total: int, warmup_fraction: float) -> float:
@@ -40,14 +39,11 @@ def schedule_factor(schedule: str, iteration: int, total: int, warmup_fraction: 
     return warmup_cosine_factor(iteration, total, warmup_fraction)
 
 
-class CosineWarmup(Callback):
+class CosineWarmup(EngineCallback):
     """Sets each param group's lr from its ``schedule`` before every reconstruction step (an engine step hook)."""
 
     def __init__(self, warmup_fraction: float = 0.2) -> None:
         self.warmup_fraction = warmup_fraction
-
-    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
-        self.attach(pl_module)
 
     def attach(self, engine: Any) -> None:
         """Run before every engine iteration (also when the engine is driven without a Trainer)."""

@@ -80,7 +80,7 @@ def write_payload(engine: Any, path: Path, start: tuple[int, int] | None = None)
                 "quant_state": engine.quant_model.state_dict(), "recipe": engine.recipe,
                 "runtime": engine.runtime, "loss_terms": dict(engine.loss_terms), "seed": engine.seed,
                 "image_shape": tuple(calibration.shape[1:]), "dtype": calibration.dtype,
-                "start": start or (engine.plan.index(engine.phase), 0), "world": engine._world(),
+                "start": start or (engine.plan.index(engine.phase), 0), "world": engine.world(),
                 "precision": precision_settings()}, path)
 
 
@@ -205,7 +205,7 @@ def launch(engine: Any) -> CompileAhead | None:
         process = subprocess.Popen([sys.executable, "-m", __name__, str(folder / PAYLOAD), device],
                                    stdout=output, stderr=subprocess.STDOUT)
     log.info("compile-ahead worker %d compiles the remaining units' step graphs on %s (rank %d of %d)",
-             process.pid, device, engine._world()[1], engine._world()[0])
+             process.pid, device, engine.world()[1], engine.world()[0])
     return CompileAhead(process, folder)
 
 

@@ -470,7 +470,8 @@ class ReconstructionModule(L.LightningModule):
         """Every random draw of the engine is a function of (seed, iteration): resumes replay them exactly."""
         torch.manual_seed((self.seed * 1_000_003 + iteration) * 2 + salt)
 
-    def _world(self) -> tuple[int, int]:
+    def world(self) -> tuple[int, int]:
+        """(number of ranks, this rank): the Trainer's, or ``standalone_world`` when driven without one."""
         if self._trainer is None:
             return self.standalone_world
         return self.trainer.world_size, self.trainer.global_rank
@@ -482,7 +483,7 @@ class ReconstructionModule(L.LightningModule):
 
     def _local_slice(self) -> slice:
         """This rank's rows of the global batch (torch.tensor_split's division: the first ranks get one more)."""
-        world, rank = self._world()
+        world, rank = self.world()
         size, extra = divmod(self.recipe.batch_size, world)
         start = rank * size + min(rank, extra)
         return slice(start, start + size + (rank < extra))
