@@ -1,0 +1,69 @@
+"""The benchmark scripts run (a CPU smoke run on a tiny model) and their arithmetic holds.
+
+They are timed on GPUs by hand (README, bench/results); here they must not rot between those runs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--device", "cpu", "--image", "16", "--calibration", "32", "--batch", "8"]
+
+
+def run_bench(script: str, *args: str) -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_reconstruction_bench_times_every_unit_type_and_mode(tmp_path):
+    run_bench("reconstruction.py", "--models", "resnet_tiny", "--methods", "qdrop", "hdrq", "--paths", "eager",
+              "--iters", "3", "--warmup", "1", "--out", str(tmp_path), *TINY)
+    results = json.loads((tmp_path / "reconstruction.json").read_text())["results"]
+    assert [(r["method"], r["path"]) for r in results] == [("qdrop", "eager"), ("hdrq", "eager")]
+    qdrop, hdrq = (r["units"] for r in results)
+    # resnet_tiny: stem, one block per stage (4), head; HDRQ times each in its noise and its fake-quant mode
+    assert list(qdrop) == ["stem", "layer1.first", "layer2.first", "layer3.first", "layer4.first", "head"]
+    assert list(hdrq) == [name for kind in qdrop for name in (f"{kind}:noise", kind)]
+    for row in [*qdrop.values(), *hdrq.values()]:
+        assert row["units"] == 1 and row["ms_per_iter"] > 0 and row["gflop_per_iter"] >= 0
+    # whole model = 20k iterations of every unit type at its ms/iter (HDRQ: 16,500 noise + 3,500 fake-quant),
+    # plus the one-off costs
+    expected = sum(row["ms_per_iter"] for row in qdrop.values()) * 20000 / 1000 / 60
+    assert qdrop and abs(results[0]["extrapolated_minutes"] - results[0]["overhead_minutes"] - expected) < 0.15
+    markdown = (tmp_path / "reconstruction.md").read_text()
+    assert "| resnet_tiny | hdrq | eager |" in markdown
+
+
+@pytest.mark.parametrize("method", ["hdrq", "brecq"])
+def test_full_run_extrapolated_to_its_own_length_is_its_wall_time(tmp_path, method):
+    """With --target-iters equal to --iters the extrapolation must give back the measured time: every
+    interval between the unit timer's stamps is counted once, none twice (HDRQ: the noise switch splits each
+    unit; BRECQ: two passes, the activation pass a quarter as long)."""
+    run_bench("full_run.py", "--model", "resnet_tiny", "--method", method, "--path", "eager", "--iters", "100",
+              "--target-iters", "100", "--steps-per-batch", "10", "--out", str(tmp_path), *TINY)
+    result = json.loads((tmp_path / f"full_run_resnet_tiny_{method}_eager.json").read_text())
+    units = result["units"]
+    passes = ["weights", "activations"] if method == "brecq" else ["joint"]
+    blocks = ["stem", "layer1.0", "layer2.0", "layer3.0", "layer4.0", "head"]
+    assert [(u["pass"], u["unit"]) for u in units] == [(p, b) for p in passes for b in blocks]
+    assert all(len(u["steady_ms_per_iter"]) == (2 if method == "hdrq" else 1) for u in units)
+    assert (result["rank"], result["world"]) == (0, 1)
+    # rounding: wall to 0.1 s, the extrapolation to 0.01 min
+    assert abs(result["extrapolated_minutes"] * 60 - result["wall_seconds"]) < 0.7
+    assert sum(u["seconds_at_target"] for u in units) <= result["wall_seconds"] + 0.1 * len(units)
+
+
+@pytest.mark.slow
+def test_full_run_data_parallel_writes_one_file_per_rank(tmp_path):
+    run_bench("full_run.py", "--model", "resnet_tiny", "--method", "qdrop", "--path", "eager", "--iters", "40",
+              "--steps-per-batch", "10", "--devices", "2", "--out", str(tmp_path), *TINY)
+    ranks = [json.loads((tmp_path / f"full_run_resnet_tiny_qdrop_eager_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["rank"], r["world"]) for r in ranks] == [(0, 2), (1, 2)]
+    assert [u["unit"] for u in ranks[0]["units"]] == [u["unit"] for u in ranks[1]["units"]]
