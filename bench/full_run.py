@@ -36,7 +36,7 @@ from bench.reconstruction import (  # noqa: E402
     build_engine,
     parse_workload_arguments,
 )
-from hdrq_lightning.quant.distributed import ManualSyncDDPStrategy  # noqa: E402
+from hdrq_lightning.quant.distributed import reconstruction_trainer_arguments  # noqa: E402
 from hdrq_lightning.quant.recipe import Recipe  # noqa: E402
 from hdrq_lightning.quant.reconstruction import ReconstructionModule  # noqa: E402
 
@@ -99,12 +99,10 @@ def main() -> None:
     if min(switch, args.iters - switch) < 2 * FIRST_STEPS and recipe.noise.enabled or args.iters < 2 * FIRST_STEPS:
         raise SystemExit(f"--iters {args.iters} leaves too few steady steps around the noise switch; use >= 100.")
     timer = UnitTimer(module, recipe)  # a step hook: runs before the callbacks' hooks (host work only)
-    # data-parallel as the quantize stage runs it: the engine all-reduces the unit's gradients itself
-    distributed = dict(strategy=ManualSyncDDPStrategy(), use_distributed_sampler=False) if args.devices > 1 else {}
     trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=args.devices, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, max_epochs=math.ceil(module.total_iters / recipe.checkpoint_every),
-                        callbacks=callbacks, **distributed)
+                        callbacks=callbacks, **reconstruction_trainer_arguments(args.devices > 1))
     started = time.perf_counter()
     trainer.fit(module)
     if args.device == "cuda":

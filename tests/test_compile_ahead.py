@@ -44,7 +44,7 @@ def test_worker_steps_the_units_left_twice_each(tmp_path, start_unit):
     two steps for each unit from the engine's current one on."""
     engine = hdrq_engine_with_distance(Runtime())
     engine._step = engine.plan[start_unit].start
-    compile_ahead.write_payload(engine, tmp_path / "payload.pt")
+    compile_ahead.write_payload(engine, tmp_path / "payload.pt", start=(start_unit, 0))
     assert compile_ahead.run_worker(tmp_path / "payload.pt", "cpu") == 2 * (len(engine.plan) - start_unit)
 
 
@@ -85,7 +85,7 @@ def _weight_modes(engine: ReconstructionModule) -> str:
 def test_the_twin_of_a_ddp_rank_takes_that_ranks_slice_of_the_batch(tmp_path, world):
     """Every rank starts its own worker: a rank's graphs have its rows of the global batch (and its device)."""
     engine = hdrq_engine_with_distance(Runtime(), world=world)  # as under a Trainer with this world and rank
-    compile_ahead.write_payload(engine, tmp_path / "payload.pt")
+    compile_ahead.write_payload(engine, tmp_path / "payload.pt", start=(0, 0))  # every unit
     twin = compile_ahead.build_twin(tmp_path / "payload.pt", "cpu")
     assert twin._local_slice() == engine._local_slice() != slice(0, engine.recipe.batch_size)
     drops = {q.batch_rows for q in twin.quant_blocks[0].modules() if hasattr(q, "batch_rows")}
@@ -101,7 +101,7 @@ def test_worker_fills_the_caches_the_engine_compiles_from(tmp_path, world):
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     engine = hdrq_engine_with_distance(Runtime(compile=True), world=world)
-    compile_ahead.write_payload(engine, tmp_path / "payload.pt")
+    compile_ahead.write_payload(engine, tmp_path / "payload.pt", start=(0, 0))  # every unit
     subprocess.run([sys.executable, "-m", "hdrq_lightning.quant.compile_ahead", str(tmp_path / "payload.pt"), "cpu"],
                    env=env, check=True, capture_output=True)
     assert not (tmp_path / "payload.pt").exists()  # the worker process removes it once read

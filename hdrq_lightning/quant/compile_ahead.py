@@ -72,15 +72,15 @@ def ahead_start(engine: Any) -> tuple[int, int] | None:
     return (index + 1, 0) if index + 1 < len(engine.plan) else None
 
 
-def write_payload(engine: Any, path: Path, start: tuple[int, int] | None = None) -> None:
+def write_payload(engine: Any, path: Path, start: tuple[int, int]) -> None:
     """What the worker needs to build the engine's twin: models, recipe, runtime, loss terms, the rank it
-    stands for, where to start (default: the beginning of the engine's current phase)."""
+    stands for, where to start ((phase index, iteration of the twin's phase): ``ahead_start``)."""
     calibration = engine.calibration
     torch.save({"factory": engine.model_factory, "fp_state": engine.fp_model.state_dict(),
                 "quant_state": engine.quant_model.state_dict(), "recipe": engine.recipe,
                 "runtime": engine.runtime, "loss_terms": dict(engine.loss_terms), "seed": engine.seed,
                 "image_shape": tuple(calibration.shape[1:]), "dtype": calibration.dtype,
-                "start": start or (engine.plan.index(engine.phase), 0), "world": engine.world(),
+                "start": start, "world": engine.world(),
                 "precision": precision_settings()}, path)
 
 

@@ -21,3 +21,9 @@ class ManualSyncDDPStrategy(DDPStrategy):
     def configure_ddp(self) -> None:
         # Keep the LightningModule unwrapped; ReconstructionModule all-reduces the gradients it trains.
         pass
+
+
+def reconstruction_trainer_arguments(data_parallel: bool) -> dict:
+    """The Trainer arguments the engine runs under: it draws its batches itself (no distributed sampler) and,
+    data-parallel, all-reduces its gradients itself (``ManualSyncDDPStrategy``)."""
+    return {"use_distributed_sampler": False, **({"strategy": ManualSyncDDPStrategy()} if data_parallel else {})}

@@ -13,7 +13,7 @@ from hdrq_lightning.artifacts import require_compatible
 from hdrq_lightning.callbacks import CosineWarmup, DistanceRegularizer, NoiseToFakeQuantSwitch
 from hdrq_lightning.evaluation import domain_accuracy
 from hdrq_lightning.gpus import data_parallel
-from hdrq_lightning.quant.distributed import ManualSyncDDPStrategy
+from hdrq_lightning.quant.distributed import reconstruction_trainer_arguments
 from hdrq_lightning.quant.export import export_integer_state, save_integer_state
 from hdrq_lightning.quant.fold import fold_batch_norm
 from hdrq_lightning.quant.modules import QuantConfig, quantize_model
@@ -82,14 +82,10 @@ def quantize_one(cfg: DictConfig, dm, recipe: Recipe, source_folded: torch.nn.Mo
     if recipe.distance_weight > 0:
         source_weights = {k: v for k, v in source_folded.state_dict().items() if k.endswith("weight")}
         callbacks.append(DistanceRegularizer(source_weights, recipe.distance_weight))
-    distributed = {}
-    if data_parallel(cfg.trainer):
-        # The engine all-reduces the current unit's gradients itself (see quant/distributed.py).
-        distributed["strategy"] = ManualSyncDDPStrategy()
     trainer = build_trainer(cfg, run, "quantize", tags=[recipe.method, f"w{recipe.w_bits}a{recipe.a_bits}", target],
                             callbacks=callbacks, max_epochs=math.ceil(module.total_iters / recipe.checkpoint_every),
-                            num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
-                            **distributed)
+                            num_sanity_val_steps=0, limit_val_batches=0,
+                            **reconstruction_trainer_arguments(data_parallel(cfg.trainer)))
     trainer.fit(module, ckpt_path=resume_path(run, f"quantize/{recipe.tag}/{target}"))
     if trainer.global_rank != 0:
         return {}
