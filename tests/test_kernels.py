@@ -26,15 +26,17 @@ def adversarial(n: int = 10_001, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
     x[50:70] = torch.arange(-10, 10) + 0.5
     x[70:80] = torch.tensor([2.0**23 + 1, -(2.0**23) - 3, 2.0**22 + 0.5, -(2.0**22) - 0.5, 2.0**30, 1e-30, -1e-30,
                              0.49999997, -0.49999997, 0.5000001])
-    # the neighbours of the bin edges of the negative residuals (x - floor(x) rounds there, x - round(x) does not)
-    edges = -torch.arange(1, 128) / 256
-    x[100:354] = torch.cat([torch.nextafter(edges, torch.tensor(-1.0)), torch.nextafter(edges, torch.tensor(0.0))])
+    # the neighbours of the bin edges on both sides of 0 (x - floor(x) rounds there for negative x, round(x) - x
+    # does not)
+    for start, edges in ((100, -torch.arange(1, 128) / 256), (354, torch.arange(1, 128) / 256)):
+        x[start:start + 254] = torch.cat([torch.nextafter(edges, torch.tensor(-1.0)),
+                                          torch.nextafter(edges, torch.tensor(1.0))])
     mask = torch.rand(n, generator=generator) < 0.7
     return x, mask
 
 
 def histc_counts(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    residuals = x - torch.round(x)
+    residuals = torch.round(x) - x  # the rounding error: what HDRQ's noise stands in for
     return torch.histc(residuals if mask is None else residuals[mask], 256, -0.5, 0.5)
 
 

@@ -255,9 +255,9 @@ def test_noise_matches_residual_distribution_and_pins_clipped(distribution: str)
     quantizer, w, x = _noise_setup(distribution, skewed)
     quantizer.set_mode("noise")
     out = quantizer(w)
-    in_range = (x >= 0) & (x <= 15)
+    in_range = (x > 0) & (x < 15)
     noise = (out.detach() / 0.1 + 3.0 - x)[in_range]
-    residuals = (x - torch.round(x))[in_range]
+    residuals = (torch.round(x) - x)[in_range]  # the official code's (x_dequant - x) / s
     if distribution == "histogram":
         # Same distribution up to the 256-bin resolution: equal bin frequencies (two-sample chi-square) ...
         observed = torch.histc(noise, 256, -0.5, 0.5)
@@ -281,6 +281,63 @@ def test_noise_matches_residual_distribution_and_pins_clipped(distribution: str)
     torch.testing.assert_close(quantizer(w), direct, atol=0, rtol=0)
 
 
+def _official_noise(x: torch.Tensor, qmin: int, qmax: int, generator: torch.Generator) -> torch.Tensor:
+    """An independent transcription of the official HDRQ noise: a 256-bin histogram over [-1/2, 1/2] of
+    ``round(x) - x`` (the dequantization error over the step) of the elements strictly inside (qmin, qmax),
+    multinomial bin draws and uniform jitter inside the bin; elements on or beyond a boundary get no noise."""
+    inside = (x > qmin) & (x < qmax)
+    counts = torch.histc((torch.round(x) - x)[inside], 256, -0.5, 0.5).double()
+    bins = torch.multinomial(counts / counts.sum(), int(inside.sum()), replacement=True, generator=generator)
+    eps = (bins.double() + torch.rand(len(bins), generator=generator, dtype=torch.float64)) / 256 - 0.5
+    noise = torch.zeros_like(x, dtype=torch.float64)
+    noise[inside] = eps
+    return noise
+
+
+def test_noise_of_skewed_residuals_follows_the_rounding_error_not_its_mirror() -> None:
+    """80% of the residuals x - round(x) are positive: the rounding error round(x) - x, and so the official noise,
+    has a negative mean. The project's noise must match the official draw in distribution (two-sample KS, mean),
+    and differ clearly from the mirror image x - round(x)."""
+    torch.manual_seed(12)
+    n = 40_000
+    offsets = 0.45 * torch.rand(n) * torch.where(torch.rand(n) < 0.8, 1.0, -1.0)  # x - round(x): 80% positive
+    x = (torch.randint(1, 14, (n,)).float() + offsets).double()  # strictly inside the 4-bit grid [0, 15]
+    ours = (fake_quantize_noise(x, torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64),
+                                0, 15, "histogram") - x)
+    official = _official_noise(x, 0, 15, torch.Generator().manual_seed(1))
+    rounding_error = torch.round(x) - x
+    assert rounding_error.mean().item() < -0.07  # the construction: the skew
+    assert ours.mean().item() == pytest.approx(rounding_error.mean().item(), abs=0.01)
+    assert ours.mean().item() == pytest.approx(official.mean().item(), abs=0.01)
+    assert stats.ks_2samp(ours.numpy(), official.numpy()).statistic < 0.02
+    assert stats.ks_2samp(ours.numpy(), (-rounding_error).numpy()).statistic > 0.5  # far from the mirror
+
+
+@pytest.mark.parametrize("distribution", ["histogram", "uniform"])
+def test_post_relu_zeros_stay_on_the_grid_under_noise(distribution: str) -> None:
+    """After a ReLU, about half of a tensor is exactly 0, the lowest code of the unsigned grid: as in the official
+    code those zeros are clipped elements, pinned (exactly 0, never below the grid) and left out of the histogram,
+    so the noise draws do not pile up in the centre bin."""
+    torch.manual_seed(13)
+    quantizer = ActivationQuantizer(4)
+    quantizer.set_range(torch.tensor(0.25), torch.tensor(0.0), signed=False)
+    quantizer.noise_distribution = distribution
+    quantizer.set_mode("noise")
+    t = torch.relu(torch.randn(20_000)) * 1.5
+    zeros = t == 0
+    assert 0.4 < zeros.float().mean() < 0.6
+    out = quantizer(t)
+    assert torch.equal(out[zeros], torch.zeros(int(zeros.sum())))  # pinned, not moved off 0
+    x = t / 0.25
+    # nothing below the grid but elements within half a step of 0, which noise may move by up to half a step
+    assert torch.all(x[out < 0] < 0.5) and out.min().item() >= -0.5 * 0.25
+    inside = (x > 0) & (x < 15)
+    noise = (out / 0.25 - x)[inside]
+    # the inside elements' residuals are spread: no hot centre bin in their noise either
+    centre = ((noise > -0.5 / 256) & (noise < 0.5 / 256)).float().mean().item()
+    assert centre < 0.02
+
+
 def test_histogram_noise_of_gaussian_weights_has_zero_mean() -> None:
     torch.manual_seed(4)
     x = torch.randn(50000) * 3
@@ -291,20 +348,20 @@ def test_histogram_noise_of_gaussian_weights_has_zero_mean() -> None:
 
 def test_noise_histogram_uses_only_masked_elements() -> None:
     torch.manual_seed(5)
-    inside = torch.arange(100).float() + 0.2 + 0.1 * torch.rand(100)  # residuals in [0.2, 0.3]
-    outside = torch.arange(100).float() - 0.45  # residuals -0.45 (or +0.45 after ties), masked out
+    inside = torch.arange(100).float() + 0.2 + 0.1 * torch.rand(100)  # rounding errors in [-0.3, -0.2]
+    outside = torch.arange(100).float() - 0.45  # rounding errors +0.45, masked out
     x = torch.cat([inside, outside])
     mask = torch.cat([torch.ones(100, dtype=torch.bool), torch.zeros(100, dtype=torch.bool)])
     noise = rounding_residual_noise(x, "histogram", mask=mask)
     assert noise.shape == x.shape
-    assert noise.min().item() >= 0.2 - 1 / 256 and noise.max().item() <= 0.3 + 1 / 256
+    assert noise.min().item() >= -0.3 - 1 / 256 and noise.max().item() <= -0.2 + 1 / 256
 
 
 def test_histogram_noise_is_uniform_inside_its_bin() -> None:
     """Residuals all in one bin: the noise fills that bin uniformly, at the resolution of float32 arithmetic on
     [-1/2, 1/2] (2^16 values per bin: 100k draws hit about 51k of them; a coarse jitter would hit far fewer)."""
     torch.manual_seed(8)
-    x = torch.arange(100_000) % 7 + 0.201  # residual 0.201: bin 179, [0.19921875, 0.203125)
+    x = torch.arange(100_000) % 7 - 0.201  # rounding error 0.201: bin 179, [0.19921875, 0.203125)
     noise = rounding_residual_noise(x, "histogram").double()
     low, width = 179 / 256 - 0.5, 1 / 256
     assert noise.min() >= low and noise.max() < low + width
@@ -370,7 +427,7 @@ def test_residual_histogram_counts_like_histc_with_many_exact_zeros(masked: bool
     x = torch.relu(torch.randn(10_000)) * 3.7  # a ReLU output on the grid scale: half exact zeros
     x[:50] = torch.round(x[:50])  # and some other on-grid values
     mask = torch.rand(x.shape) < 0.7 if masked else torch.ones_like(x, dtype=torch.bool)
-    residuals = (x - torch.round(x))[mask]
+    residuals = (torch.round(x) - x)[mask]
     expected = torch.histc(residuals, 256, -0.5, 0.5)
     assert expected[128] > 1000  # the hot bin really is hot
     torch.testing.assert_close(residual_histogram(x, 256, mask if masked else None), expected, rtol=0, atol=0)
@@ -391,10 +448,10 @@ def test_noise_gradients_are_the_chain_rule_of_the_textbook_form(per_channel: bo
     torch.manual_seed(1)
     with torch.no_grad():
         x = t / scale + zero_point
-        eps = rounding_residual_noise(x, "histogram", mask=(x >= 0) & (x <= 15))  # the same draw
+        eps = rounding_residual_noise(x, "histogram", mask=(x > 0) & (x < 15))  # the same draw
     t2, s2 = t.detach().clone().requires_grad_(True), scale.detach().clone().requires_grad_(True)
     x2 = t2 / s2 + zero_point
-    textbook = (torch.where((x2 >= 0) & (x2 <= 15), x2 + eps, torch.clamp(x2, 0, 15)) - zero_point) * s2
+    textbook = (torch.where((x2 > 0) & (x2 < 15), x2 + eps, torch.clamp(x2, 0, 15)) - zero_point) * s2
     expected_t, expected_s = torch.autograd.grad((textbook * upstream).sum(), [t2, s2])
     torch.testing.assert_close(out, textbook, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_t, expected_t, rtol=1e-5, atol=1e-5)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from scipy.spatial import distance
 
 from hdrq_lightning.adapt.losses import clustering_pseudo_labels, information_maximization_loss
 from hdrq_lightning.adapt.schedules import shot_lr_decay, shot_optimizer
@@ -19,41 +20,60 @@ def test_information_maximization_matches_numpy():
     assert information_maximization_loss(logits, eps, diversity=False).item() == pytest.approx(entropy, rel=1e-5)
 
 
-def _brute_force_labels(features: np.ndarray, logits: np.ndarray, rounds: int) -> np.ndarray:
-    """Loop version of SHOT's obtain_label: soft centroids, then hard re-assignment rounds."""
+def _shot_obtain_label(features: np.ndarray, logits: np.ndarray, rounds: int, threshold: int = 0) -> np.ndarray:
+    """A plain numpy transcription of the clustering loop of SHOT's ``obtain_label`` (official code): in every
+    round the set of classes with members (``cls_count > threshold``) is recomputed from the current labels,
+    and distances are scipy's cosine distances to those classes' centroids only."""
     n, k = logits.shape
-    feats = np.concatenate([features, np.ones((n, 1))], 1)
-    feats = feats / np.linalg.norm(feats, axis=1, keepdims=True)
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    counts = np.bincount(probs.argmax(1), minlength=k)
-    valid = [c for c in range(k) if counts[c] > 0]
-    weights = probs
-    labels = probs.argmax(1)
+    all_fea = np.concatenate([features, np.ones((n, 1))], 1)
+    all_fea = (all_fea.T / np.linalg.norm(all_fea, ord=2, axis=1)).T
+    aff = np.exp(logits - logits.max(1, keepdims=True))
+    aff /= aff.sum(1, keepdims=True)
+    predict = aff.argmax(1)
     for _ in range(rounds):
-        centroids = {}
-        for c in valid:
-            centroids[c] = sum(weights[i, c] * feats[i] for i in range(n)) / (1e-8 + weights[:, c].sum())
-        labels = np.empty(n, dtype=int)
-        for i in range(n):
-            # a class left without members has a zero centroid: cosine similarity 0 (distance 1)
-            distances = {c: 1 - feats[i] @ centroids[c] / max(np.linalg.norm(centroids[c]), 1e-12)
-                         for c in valid}
-            labels[i] = min(distances, key=distances.get)
-        weights = np.eye(k)[labels]
-    return labels
+        initc = aff.T.dot(all_fea)
+        initc = initc / (1e-8 + aff.sum(axis=0)[:, None])
+        cls_count = np.eye(k)[predict].sum(axis=0)
+        labelset = np.where(cls_count > threshold)[0]
+        dd = distance.cdist(all_fea, initc[labelset], "cosine")
+        predict = labelset[dd.argmin(axis=1)]
+        aff = np.eye(k)[predict]
+    return predict
 
 
 @pytest.mark.parametrize("rounds", [1, 2])
-def test_pseudo_labels_match_brute_force_nearest_centroid(rounds):
+def test_pseudo_labels_match_shot_transcription(rounds):
     g = torch.Generator().manual_seed(1)
     centers = torch.randn(5, 8, generator=g) * 3
     truth = torch.randint(0, 5, (60,), generator=g)
     features = centers[truth] + torch.randn(60, 8, generator=g)
     logits = torch.randn(60, 6, generator=g)  # 6 classes, noisy predictions; some classes may be empty
     labels = clustering_pseudo_labels(features.double(), logits.double(), rounds=rounds)
-    expected = _brute_force_labels(features.double().numpy(), logits.double().numpy(), rounds)
+    expected = _shot_obtain_label(features.double().numpy(), logits.double().numpy(), rounds)
     assert labels.tolist() == expected.tolist()
+
+
+def _class_emptied_in_round_one() -> tuple[torch.Tensor, torch.Tensor]:
+    """A large cluster (40 points) and a small one on the opposite side (4 points) with noisy predictions over 3
+    classes. With this seed, class 1 has argmax members but none after round 1's nearest-centroid assignment, and
+    the small cluster's points then have a negative cosine to every centroid with members: a zero centroid (cosine
+    distance exactly 1) left in the candidate set would take them (found by a search over seeds)."""
+    g = torch.Generator().manual_seed(147)
+    large = torch.randn(3, generator=g)
+    small = -large + 0.3 * torch.randn(3, generator=g)
+    features = torch.cat([large * 10 + torch.randn(40, 3, generator=g), small * 10 + torch.randn(4, 3, generator=g)])
+    logits = torch.randn(44, 3, generator=g) * 2
+    return features.double(), logits.double()
+
+
+def test_class_emptied_in_round_one_is_left_out_of_round_two():
+    features, logits = _class_emptied_in_round_one()
+    after_one = clustering_pseudo_labels(features, logits, rounds=1)
+    assert (logits.argmax(1) == 1).sum() > 0 and (after_one == 1).sum() == 0  # class 1 empties in round 1
+    labels = clustering_pseudo_labels(features, logits, rounds=2)
+    expected = _shot_obtain_label(features.numpy(), logits.numpy(), rounds=2)
+    assert labels.tolist() == expected.tolist()
+    assert (labels == 1).sum() == 0  # nobody is assigned to the empty class's zero centroid
 
 
 def test_pseudo_labels_recover_clusters():

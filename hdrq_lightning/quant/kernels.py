@@ -35,7 +35,7 @@ if triton is not None:
     @triton.jit
     def _residual_histogram_kernel(x_ptr, mask_ptr, counts_ptr, n, HAS_MASK: tl.constexpr, BINS: tl.constexpr,
                                    BLOCK: tl.constexpr):
-        # bins 0..BINS-1 are histc's bins of x - round(x) over [-1/2, 1/2]; uncounted elements go to bin BINS,
+        # bins 0..BINS-1 are histc's bins of round(x) - x over [-1/2, 1/2]; uncounted elements go to bin BINS,
         # i.e. into the upper half of a 2*BINS-bin private histogram that is never written out
         step = tl.num_programs(0) * BLOCK
         counts = tl.zeros([2 * BINS], dtype=tl.int32)
@@ -45,12 +45,12 @@ if triton is not None:
             x = tl.load(x_ptr + offsets, mask=keep, other=0.0).to(tl.float32)
             if HAS_MASK:
                 keep = keep & (tl.load(mask_ptr + offsets, mask=keep, other=0).to(tl.int1))
-            # x - round(x) with torch.round's half-to-even ties; every step is exact (x - floor(x) is not, for
+            # round(x) - x with torch.round's half-to-even ties; every step is exact (x - floor(x) is not, for
             # negative x of small magnitude), and the last subtraction is torch's own
             below = tl.floor(x)
             half = below + 0.5
             odd = (below * 0.5 - tl.floor(below * 0.5)) != 0
-            residual = x - tl.where((x > half) | ((x == half) & odd), below + 1.0, below)
+            residual = tl.where((x > half) | ((x == half) & odd), below + 1.0, below) - x
             # histc's bin: floor((r - min) * bins / (max - min)), the upper edge in the last bin
             index = tl.minimum(((residual + 0.5) * BINS).to(tl.int32), BINS - 1)
             counts += tl.histogram(tl.where(keep, index, BINS), 2 * BINS)
@@ -60,7 +60,7 @@ if triton is not None:
 
 def residual_histogram(x: Tensor, bins: int, mask: Tensor | None, programs: int | None = None,
                        block: int = _BLOCK, num_warps: int = _NUM_WARPS) -> Tensor:
-    """float32 counts of ``x - round(x)`` (where ``mask``) in ``bins`` bins over [-1/2, 1/2], as torch.histc.
+    """float32 counts of ``round(x) - x`` (where ``mask``) in ``bins`` bins over [-1/2, 1/2], as torch.histc.
 
     ``bins`` must be a power of two (tl.histogram's size). ``programs`` (default: a few per SM) is the number of
     Triton programs sharing the elements, ``block`` the elements each reads per loop step (bench/histogram.py

@@ -1,10 +1,12 @@
 """Quantization-noise sampling for HDRQ's noise-based Hessian regularisation (paper Sec. 4.1).
 
 Instead of rounding, the noise forward adds ``eps`` to the scaled tensor, with ``eps`` drawn from the
-distribution of the tensor's own rounding residuals ``x - round(x)`` (official code: a 256-bin histogram
-over [-1/2, 1/2]) or from the paper's idealisation U[-1/2, 1/2]. All randomness uses torch's global RNG, one
-draw per element in the logical order of the tensor given (the activation quantizer passes its input's memory-order
-view, so channels-last and NCHW runs draw different, equally distributed noise).
+distribution of the quantization error that rounding would make, ``round(x) - x`` (the official code's
+``(x_dequant - x) / s``: a 256-bin histogram over [-1/2, 1/2] of the unclipped elements), or from the paper's
+idealisation U[-1/2, 1/2]. The sign matters on skewed residuals: the noise's mean is the mean rounding error, not
+its negative. All randomness uses torch's global RNG, one draw per element in the logical order of the tensor
+given (the activation quantizer passes its input's memory-order view, so channels-last and NCHW runs draw
+different, equally distributed noise).
 """
 
 import torch
@@ -26,7 +28,7 @@ _JITTER_BITS = 24
 
 def residual_histogram_torch(x: Tensor, bins: int, mask: Tensor | None) -> Tensor:
     """The histogram in torch ops (the op's implementation without Triton)."""
-    residuals = (x - torch.round(x)).float()
+    residuals = (torch.round(x) - x).float()
     nonzero = residuals != 0
     counted, zeros = (nonzero, ~nonzero) if mask is None else (mask & nonzero, mask & ~nonzero)
     # histc has no weights: send the elements not counted outside [-1/2, 1/2], where histc ignores them.
@@ -50,7 +52,8 @@ def _(x: Tensor, bins: int, mask: Tensor | None) -> Tensor:
 
 @torch.no_grad()
 def residual_histogram(x: Tensor, bins: int = 256, mask: Tensor | None = None) -> Tensor:
-    """``bins``-bin histogram over [-1/2, 1/2] of ``x - round(x)`` where ``mask`` (all elements when None).
+    """``bins``-bin histogram over [-1/2, 1/2] of the rounding errors ``round(x) - x`` where ``mask`` (all
+    elements when None).
 
     The counts are those of ``torch.histc`` on the masked residuals. On CUDA (power-of-two ``bins``) one Triton
     kernel counts them (quant/kernels.py); elsewhere exact zeros (every element on the grid: after a ReLU, half of a
@@ -67,7 +70,7 @@ def rounding_residual_noise(
     """Sample one noise value per element of ``x`` (same shape, detached) in [-1/2, 1/2].
 
     ``x`` is the tensor already divided by its step (plus zero point). ``"histogram"`` builds a
-    ``bins``-bin histogram over [-1/2, 1/2] of the residuals ``x - round(x)`` of the elements where
+    ``bins``-bin histogram over [-1/2, 1/2] of the rounding errors ``round(x) - x`` of the elements where
     ``mask`` is true (all elements when ``mask`` is None), samples bins in proportion to their counts
     and jitters uniformly inside the bin. ``"uniform"`` draws from U[-1/2, 1/2].
 

@@ -93,14 +93,16 @@ def fake_quantize_noise(
 ) -> Tensor:
     """HDRQ noise quantization: clipped elements pinned to the boundary, the others get detached noise.
 
-    ``((t / s + z + eps) - z) * s`` is written ``where(in range, t, 0) + s * e`` with ``e`` the noise in range and
+    As the official code, an element on or beyond a clip boundary (``x <= qmin`` or ``x >= qmax``) counts as
+    clipped: it stays exactly on the boundary (a post-ReLU zero on the unsigned grid stays 0), gets no noise and is
+    left out of the residual histogram. ``((t / s + z + eps) - z) * s`` is written ``where(in range, t, 0) + s * e`` with ``e`` the noise in range and
     the clipped element's integer offset ``clamp(t / s + z) - z`` outside: the same values and gradients
     (d/dt = 1 in range, d/ds = e) without differentiating through ``t / s`` (whose step-gradient reduction
     compiles to a slow kernel), and the backward keeps one tensor ``e`` instead of the noise and the offsets.
     """
     with torch.no_grad():
         x = t / scale + zero_point
-        in_range = (x >= qmin) & (x <= qmax)
+        in_range = (x > qmin) & (x < qmax)
         noise = rounding_residual_noise(x, distribution, mask=in_range)
         offset = torch.where(in_range, noise, torch.clamp(x, qmin, qmax) - zero_point)
     return torch.where(in_range, t, t.new_zeros(())) + scale * offset
