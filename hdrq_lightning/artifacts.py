@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -39,10 +40,17 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode any other write would
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -69,23 +77,52 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def _sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite the file's JSON header with its ``__metadata__`` keys in sorted order.
+
+    safetensors serialises the metadata from a hash map, so two identical runs write the keys in different orders
+    and the files differ byte for byte; sorted, equal runs give equal files (``sha256sum`` can compare runs). The
+    tensor entries keep their order, the header its 8-byte alignment (padded with spaces, as safetensors does).
+    """
+    blob = path.read_bytes()
+    length = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + length])
+    if "__metadata__" not in header:
+        return
+    header = {"__metadata__": dict(sorted(header["__metadata__"].items())),
+              **{k: v for k, v in header.items() if k != "__metadata__"}}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + blob[8 + length:])
+
+
 def save_weights(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
                  metadata: Mapping[str, str] | None = None) -> Path:
-    """Write a state dict as safetensors, atomically (contiguous CPU copies, shared storage broken)."""
+    """Write a state dict as safetensors, atomically (contiguous CPU copies, shared storage broken), with the
+    metadata keys in sorted order so that identical runs write identical bytes."""
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+        _sort_safetensors_metadata(tmp)
     return Path(path)
+
+
+def unreadable_weights(path: Path, error: Exception) -> ArtifactError:
+    return ArtifactError(
+        f"{path} is not a readable safetensors file ({type(error).__name__}: {error}): it is truncated, corrupt or "
+        f"of another format. Re-run the stage that wrote {path.parent} with force=true to write it again.")
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(
-            f"weights file {path} does not exist; run the stage that produces it first "
-            "(or pass an explicit path to an existing .safetensors file)."
+            f"weights file {path} does not exist; run the stage that writes {path.parent} first."
         )
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as error:  # noqa: BLE001 - SafetensorError, OSError, decoding errors: one problem for the user
+        raise unreadable_weights(path, error) from None
 
 
 def fingerprint(node: Any) -> str:
@@ -107,9 +144,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 @dataclass(frozen=True)
 class StageRun:
-    """One stage's run directory and the files in it."""
+    """One stage's run directory and the files in it.
+
+    ``root`` is the folder of the stage's own runs (``<runs_dir>/<experiment>/<stage>``): ``clear`` deletes ``dir``
+    only when it lies strictly inside it, so a path given by a user can never make a stage delete an input, a
+    parent folder or anything outside its own outputs.
+    """
 
     dir: Path
+    root: Path | None = None
+
+    @property
+    def stage(self) -> str | None:
+        return None if self.root is None else self.root.name
+
+    def clear(self) -> None:
+        """Delete the run dir (refused unless it lies strictly inside the stage's own ``root``)."""
+        if self.root is None:
+            raise ArtifactError(f"refusing to delete {self.dir}: it is not known to be a stage's own output dir.")
+        root, target = self.root.resolve(), self.dir.resolve()
+        if self.dir.is_symlink() or target == root or root not in target.parents:
+            raise ArtifactError(f"refusing to delete {self.dir}: it resolves to {target}, which is not a run dir "
+                                f"inside {root}.")
+        shutil.rmtree(target)
 
     @property
     def metrics_path(self) -> Path:
@@ -154,7 +211,11 @@ class StageRun:
         return self
 
     def finish(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        record = {"status": "done", **metrics}
+        """Write ``metrics.json`` (last: it marks the run done), with what the CPU results depend on: float
+        summation order, hence the last digits of trained weights and sometimes an accuracy, depends on the
+        number of torch threads."""
+        record = {"status": "done", **metrics,
+                  "environment": {"torch": torch.__version__, "threads": torch.get_num_threads()}}
         write_json(self.metrics_path, record)
         return record
 
@@ -168,22 +229,3 @@ class StageRun:
         run_id = secrets.token_hex(4)
         write_text(id_file, run_id)
         return run_id
-
-
-def require_compatible(upstream: StageRun, expected: Mapping[str, str], what: str) -> dict[str, Any]:
-    """Load an upstream stage's metrics and check its config fingerprints match ``expected``."""
-    if not upstream.is_done():
-        raise ArtifactError(
-            f"{what} needs the finished run in {upstream.dir}, which is missing or incomplete; "
-            f"run that stage first with the same experiment settings (or point to it with an explicit path)."
-        )
-    record = upstream.metrics()
-    found = record.get("fingerprints", {})
-    for key, value in expected.items():
-        if key in found and found[key] != value:
-            raise ArtifactError(
-                f"{what}: the run in {upstream.dir} was produced with a different '{key}' configuration "
-                f"(fingerprint {found[key]} vs {value} now); re-run that stage with force=true, or use the "
-                f"'{key}' settings it was made with."
-            )
-    return record

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -55,11 +56,33 @@ def run_stage(cfg: DictConfig):
     from hdrq_lightning.gpus import place_job
 
     place_job(cfg)  # parallel sweeps on one machine: one GPU per worker process
+    if cfg.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.threads))
     module, function, _ = STAGES[cfg.stage]
     return getattr(importlib.import_module(module), function)(cfg)
 
 
+def route_library_logs() -> None:
+    """Send Lightning's log records (GPU/TPU availability, tips, "fit stopped") through the root logger, i.e. to the
+    run's log file, instead of Lightning's own terminal handler; warnings still reach the terminal."""
+    import lightning.pytorch  # noqa: F401 - imported first: importing it adds the terminal handlers
+    import torchmetrics  # noqa: F401
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "torchmetrics"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    logging.captureWarnings(True)
+    # known third-party noise, once per Trainer: Lightning on this torch's pytree API, and the engine's deliberate
+    # eval-mode modules (the FP model and the quantized model outside the current unit stay in eval mode)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
+
 def _task(cfg: DictConfig) -> None:
+    route_library_logs()
     try:
         run_stage(cfg)
     except HdrqError as err:

@@ -40,7 +40,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
               + "; source-only accuracy: " + ", ".join(f"{d} {summary['source_only'][d]:.2f}" for d in domains)]
     if summary.get("analysis"):
         pair = " + ".join(next(iter(summary["analysis"].values()))["pair"])
-        lines += ["", f"Analysis of the two-expert merge {pair} (analysis/<method>/*.png):", "",
+        lines += ["", f"Analysis of the two-expert merge {pair} (analysis/<method>_w<W>a<A>/*.png):", "",
                   "| Method | error barrier (loss, Eq. 3) | merged H-mean, random noise sample (mean) | "
                   "with cosine selection (mean) |", "|---|---|---|---|"]
         for tag, item in summary["analysis"].items():
@@ -60,14 +60,22 @@ def write_summary(out_dir: Path, summary: dict[str, Any], barrier_curves: dict[s
     plots = [plot_method_comparison(rows, out_dir / "comparison.png",
                                     title=f"{summary['experiment']}: merged harmonic mean")]
     if barrier_curves:
-        plots.append(plot_barrier_curves(barrier_curves, out_dir / "barrier.png", title="error barrier"))
+        first = next(iter(summary.get("analysis", {}).values()), {})
+        pair = " + ".join(first.get("pair", [])) or "two experts"
+        bits = f"W{first['w_bits']}A{first['a_bits']}" if "w_bits" in first else ""
+        plots.append(plot_barrier_curves(
+            barrier_curves, out_dir / "barrier.png",
+            title=f"error barrier along the merge path {pair}, {bits} (FP: Eq. 2, quantized: Eq. 3)"))
     return plots
 
 
-def wandb_run(cfg: DictConfig, run_dir: Path, job_type: str, name: str, tags: list[str]):
+def wandb_run(cfg: DictConfig, run_dir: Path, job_type: str, name: str, tags: list[str],
+              config: dict[str, Any] | None = None):
     """A W&B run for a stage without a Trainer (evaluate, pipeline summary), or None when W&B is off.
 
-    Grouped by experiment like the Trainer stages; the id kept in the run dir, so a re-run continues it.
+    Grouped by experiment like the Trainer stages; the id kept in the run dir, so a re-run (or a stage adding its
+    final metrics after its Trainer's run closed) continues it. ``config``: what the run was made with (default:
+    the quantization and merge settings of ``cfg``).
     """
     if not cfg.logger.get("wandb"):
         return None
@@ -78,8 +86,9 @@ def wandb_run(cfg: DictConfig, run_dir: Path, job_type: str, name: str, tags: li
     return wandb.init(project=cfg.logger.project, entity=cfg.logger.get("entity"), group=cfg.name,
                       job_type=job_type, name=name, id=StageRun(run_dir).wandb_id(), resume="allow",
                       dir=str(run_dir), mode="online" if cfg.logger.mode == "online" else "offline", tags=tags,
-                      config={"quant": {"method": cfg.quant.method, "w_bits": cfg.quant.w_bits,
-                                        "a_bits": cfg.quant.a_bits}, "merge": cfg.merge.method})
+                      config=config if config is not None else {
+                          "quant": {"method": cfg.quant.method, "w_bits": cfg.quant.w_bits,
+                                    "a_bits": cfg.quant.a_bits}, "merge": cfg.merge.method})
 
 
 def log_summary_to_wandb(cfg: DictConfig, out_dir: Path, summary: dict[str, Any], images: list[Path]) -> None:

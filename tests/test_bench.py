@@ -18,7 +18,7 @@ TINY = ["--device", "cpu", "--image", "16", "--calibration", "32", "--batch", "8
 
 def run_bench(script: str, *args: str) -> None:
     result = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 

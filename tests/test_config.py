@@ -92,7 +92,7 @@ def test_office_home_without_data_is_a_clear_error(compose_cfg, tmp_path):
 
 def _hdrq(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hdrq_lightning.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=1800)
 
 
 def test_cli_lists_stages_and_prints_config(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hdrq_lightning.data.datamodule import DomainDataModule
+from hdrq_lightning.data.datamodule import DomainDataModule, EpochSeededSampler
 from hdrq_lightning.data.digits import digits_split_indices, render_digits_domain
 from hdrq_lightning.errors import ConfigError, DataError
 
@@ -129,3 +129,20 @@ def test_office_home_splits(office_home_root: Path, transductive: bool) -> None:
     assert not set(source_train.indices.tolist()) & set(source_val.indices.tolist())
     assert len(source_val) >= 1
     assert np.array_equal(dm.dataset("Art", "train", augment=True).indices, source_train.indices)
+
+
+def test_epoch_seeded_sampler_is_a_function_of_seed_and_epoch() -> None:
+    """Each epoch's order (and the global RNG that draws its augmentations) depends on (seed, epoch) only, not on
+    what the process drew before: a resumed run's epoch sees the data of the uninterrupted run's epoch."""
+    epoch = {"value": 3}
+    sampler = EpochSeededSampler(50, seed=7, epoch=lambda: epoch["value"])
+    first = list(sampler)
+    after_first = torch.rand(4)
+    torch.manual_seed(12345)  # another process history
+    torch.rand(100)
+    again = list(sampler)
+    assert first == again and sorted(first) == list(range(50))
+    assert torch.equal(torch.rand(4), after_first)  # the augmentation draws too
+    epoch["value"] = 4
+    assert list(sampler) != first
+    assert list(EpochSeededSampler(50, seed=8, epoch=lambda: 3)) != first

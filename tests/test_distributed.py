@@ -24,7 +24,7 @@ def _free_port() -> int:
 def _reconstruct(tmp_path, accelerator: str, graphs: bool, qdrop: bool = False) -> tuple[dict, dict]:
     extra = [accelerator] + (["graphs"] if graphs else []) + (["qdrop"] if qdrop else [])
     single = tmp_path / "single.pt"
-    subprocess.run([sys.executable, WORKER, "1", str(single), *extra], check=True, timeout=300, capture_output=True)
+    subprocess.run([sys.executable, WORKER, "1", str(single), *extra], check=True, timeout=3600, capture_output=True)
 
     port = str(_free_port())
     ranks = []
@@ -34,7 +34,7 @@ def _reconstruct(tmp_path, accelerator: str, graphs: bool, qdrop: bool = False) 
         ranks.append(subprocess.Popen([sys.executable, WORKER, "2", str(tmp_path / "ddp.pt"), *extra], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for process in ranks:
-        output, _ = process.communicate(timeout=300)
+        output, _ = process.communicate(timeout=3600)
         assert process.returncode == 0, output[-3000:]
     return torch.load(single), torch.load(tmp_path / "ddp.pt")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,11 @@ from hdrq_lightning.analysis.barrier import BarrierCurve
 from hdrq_lightning.errors import ConfigError
 
 REFERENCE_METHOD = "FP"
+
+
+def _set_title(axes: Axes, title: str, width: int = 56) -> None:
+    """A title wrapped to the figure's width (a long one would be clipped at the edges)."""
+    axes.set_title(textwrap.fill(title, width), fontsize=10)
 
 
 def _save_png(
@@ -48,7 +54,8 @@ def _save_png(
 
 
 def plot_barrier_curves(
-    curves: Mapping[str, BarrierCurve], path: str | os.PathLike, title: str = "", metric: str = "loss"
+    curves: Mapping[str, BarrierCurve], path: str | os.PathLike, title: str = "", metric: str = "loss",
+    loss_name: str = "test cross-entropy",
 ) -> Path:
     """One line per method along the interpolation coefficient; each label carries the method's barrier."""
     if metric not in ("loss", "accuracy"):
@@ -64,8 +71,8 @@ def plot_barrier_curves(
             values = curve.losses if metric == "loss" else curve.accuracies
             axes.plot(curve.lambdas, values, marker="o", label=f"{name} (barrier {curve.barrier:.3g})")
         axes.set_xlabel(r"interpolation coefficient $\lambda$")
-        axes.set_ylabel(metric)
-        axes.set_title(title)
+        axes.set_ylabel(loss_name if metric == "loss" else "accuracy (%)")
+        _set_title(axes, title)
         axes.grid(alpha=0.3)
         axes.legend()
 
@@ -78,8 +85,13 @@ def plot_loss_surface(
     losses: Sequence[Sequence[float]] | np.ndarray,
     path: str | os.PathLike,
     title: str = "",
+    value_range: tuple[float, float] | None = None,
 ) -> Path:
-    """Filled contours and contour lines of ``losses[i, j]`` at ``(alphas[i], betas[j])``; the center is starred."""
+    """Filled contours and contour lines of ``losses[i, j]`` at ``(alphas[i], betas[j])``; the center is starred.
+
+    ``value_range`` fixes the colour scale (e.g. the range over several methods' surfaces, so that their plots can
+    be compared by colour); default: this surface's own range.
+    """
     x_coords = np.asarray(alphas, dtype=np.float64)
     y_coords = np.asarray(betas, dtype=np.float64)
     grid = np.ma.masked_invalid(np.asarray(losses, dtype=np.float64))
@@ -92,11 +104,11 @@ def plot_loss_surface(
         raise ConfigError(
             "Every loss on the grid is NaN or infinite; shrink span or check the evaluated model."
         )
-    low, high = float(grid.min()), float(grid.max())
+    low, high = (float(grid.min()), float(grid.max())) if value_range is None else map(float, value_range)
     levels = np.linspace(low, high, 21) if high > low else np.array([low - 0.5, low + 0.5])
 
     def draw(figure: Figure, axes: Axes) -> None:
-        filled = axes.contourf(x_coords, y_coords, grid.T, levels=levels, cmap="viridis")
+        filled = axes.contourf(x_coords, y_coords, grid.T, levels=levels, cmap="viridis", extend="both")
         if high > low:
             lines = axes.contour(
                 x_coords, y_coords, grid.T, levels=levels[::2], colors="black", linewidths=0.6
@@ -108,7 +120,7 @@ def plot_loss_surface(
         axes.set_ylabel(r"direction y ($\beta$)")
         axes.xaxis.set_major_locator(MaxNLocator(5))
         axes.yaxis.set_major_locator(MaxNLocator(5))
-        axes.set_title(title)
+        _set_title(axes, title)
 
     return _save_png(draw, path, size=(5.5, 4.5))
 
@@ -131,10 +143,11 @@ def plot_sample_distribution(
             axes.axvline(values.mean(), color=patches[0].get_facecolor(), alpha=1.0, linestyle="--")
         axes.set_xlabel("merged harmonic mean")
         axes.set_ylabel("number of samples")
-        axes.set_title(title)
-        axes.legend()
+        _set_title(axes, title)
+        # below the axes: inside, it covers the tallest bars
+        axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=1, fontsize=8, frameon=False)
 
-    return _save_png(draw, path, size=(6.0, 4.0))
+    return _save_png(draw, path, size=(6.0, 4.6))
 
 
 def _comparison_table(rows: Sequence[Mapping]) -> tuple[list[str], list[str], dict[tuple[str, str], float]]:
@@ -194,7 +207,7 @@ def plot_method_comparison(rows: Sequence[Mapping], path: str | os.PathLike, tit
         axes.set_xticks(positions, bit_configs)
         axes.set_xlabel("bit width (W/A)")
         axes.set_ylabel("merged harmonic mean")
-        axes.set_title(title)
+        _set_title(axes, title)
         axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
     return _save_png(draw, path, size=(max(6.0, 1.6 * len(bit_configs) + 3.5), 4.0))

@@ -10,16 +10,18 @@ the same (domain, split), augmented or not.
 from __future__ import annotations
 
 import copy
+import os
+import random
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hdrq_lightning.data.digits import DIGITS_DOMAINS, DIGITS_NUM_CLASSES, DigitsDomain, digits_split_indices
 from hdrq_lightning.data.office_home import OFFICE_HOME_DOMAINS, ImageFolderDomain
@@ -55,6 +57,35 @@ class IndexedSubset(Dataset):
     def __getitem__(self, position: int) -> tuple[Tensor, int, int]:
         image, label, _ = self.dataset[int(self.indices[position])]
         return image, label, position
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A shuffling sampler whose epoch's order and augmentation draws are functions of (seed, epoch) alone.
+
+    Lightning restores a resumed run's model, optimizer and loop state but not the global RNG, which draws the
+    default sampler's permutation and the train transforms' random crops and flips: a resumed epoch would then
+    see other data than the uninterrupted one. Here each epoch's permutation comes from its own generator and the
+    global RNG is reseeded from (seed, epoch) when the epoch's first index is drawn, so with ``num_workers=0`` the
+    augmentations (drawn in this process, in index order) are those of the uninterrupted run too. ``epoch`` reads
+    the current epoch when iteration starts (the trainer's, restored before a resumed run's first batch).
+    """
+
+    def __init__(self, size: int, seed: int, epoch: Callable[[], int] | None = None) -> None:
+        self.size, self.seed, self.epoch = size, int(seed), epoch
+        self._calls = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        epoch = self.epoch() if self.epoch is not None else self._calls
+        self._calls += 1
+        epoch_seed = (self.seed * 1_000_003 + int(epoch) * 7_919 + 17) % 2**63
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(epoch_seed)).tolist()
+        torch.manual_seed(epoch_seed)
+        random.seed(epoch_seed)
+        np.random.seed(epoch_seed % 2**32)
+        yield from order
 
 
 class DomainDataModule(L.LightningDataModule):
@@ -102,6 +133,9 @@ class DomainDataModule(L.LightningDataModule):
             _positive(key, value)
         if num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}.")
+        # more loader processes than cores only adds switching (and a warning from torch): cap at the core count
+        num_workers = min(num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                          else os.cpu_count() or 1)
         if not 0.0 <= val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}.")
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
@@ -234,8 +268,15 @@ class DomainDataModule(L.LightningDataModule):
         if self._fit is None:
             raise ConfigError("No training data chosen; call datamodule.configure(fit=(domain, split)) first.")
         dataset = self.dataset(*self._fit, augment=True)
+        trainer = getattr(self, "trainer", None)
+        sampler = EpochSeededSampler(len(dataset), self.seed,
+                                     epoch=(lambda: trainer.current_epoch) if trainer is not None else None)
         # Dropping the last partial batch keeps BatchNorm statistics sane, unless it is the only batch.
-        return self._make_loader(dataset, self.batch_size, shuffle=True, drop_last=len(dataset) >= self.batch_size)
+        return DataLoader(
+            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=len(dataset) >= self.batch_size,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self.loader(domain, split) for domain, split in self._evaluate]

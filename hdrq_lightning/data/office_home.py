@@ -39,7 +39,8 @@ def _layout_error(root: Path, problem: str, fix: str) -> DataError:
     found = [path.name for path in _visible_subfolders(root)] if root.is_dir() else []
     return DataError(
         f"{problem} Expected the layout {EXPECTED_LAYOUT} under root {str(root)!r}; "
-        f"domains found there: {', '.join(found) if found else 'none'}. {fix}"
+        f"domains found there: {', '.join(found) if found else 'none'}. {fix} (The root is data.root; by default "
+        f"$HDRQ_DATA_DIR/OfficeHome, with HDRQ_DATA_DIR defaulting to ./data.)"
     )
 
 

@@ -247,6 +247,8 @@ def _layer_grid(
 class QuantizedMerge(MergeMethod):
     """HDRQ merge of quantized experts (integer format in, integer format out; ``base`` is not used)."""
 
+    takes = "integer"
+
     @dataclass
     class Params:
         """sampling: "noise" resolves ambiguous roundings by Eq. 12, "none" rounds half to even;

@@ -27,6 +27,10 @@ class MergeMethod(abc.ABC):
 
     name: ClassVar[str]
     Params: ClassVar[type]
+    # What the plug-in merges: "float" experts (BN-folded FP state dicts) or "integer" experts (the integer format
+    # of quant/export.py); the merge stage refuses a plug-in given the other kind.
+    takes: ClassVar[str] = "float"
+    needs_base: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         valid = [field.name for field in dataclasses.fields(self.Params)]

@@ -81,6 +81,8 @@ def disjoint_merge(trimmed: Tensor, weights: Sequence[float]) -> Tensor:
 class TaskArithmeticMerge(MergeMethod):
     """base + scaling * sum_k weight_k * (expert_k - base) on floating tensors."""
 
+    needs_base = True
+
     @dataclass
     class Params:
         """scaling: the lambda multiplying the summed task vectors."""
@@ -108,6 +110,8 @@ class TaskArithmeticMerge(MergeMethod):
 @merge_method("ties")
 class TiesMerge(MergeMethod):
     """TIES: trim each task vector to its largest entries, elect signs, average the agreeing entries."""
+
+    needs_base = True
 
     @dataclass
     class Params:

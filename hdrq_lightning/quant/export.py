@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from hdrq_lightning.artifacts import save_weights
+from hdrq_lightning.artifacts import save_weights, unreadable_weights
 from hdrq_lightning.errors import ArtifactError
 from hdrq_lightning.quant.modules import activation_quantizers, quant_layers, weight_quantizers
 from hdrq_lightning.quant.quantizers import WeightQuantizer, integer_range
@@ -180,8 +180,6 @@ def load_integer_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
             state = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError) as error:
-        raise ArtifactError(
-            f"{path} is not a readable safetensors file ({error}); export it again."
-        ) from error
+    except (SafetensorError, OSError, ValueError) as error:
+        raise unreadable_weights(path, error) from None
     return state, metadata

@@ -7,13 +7,40 @@ in-block drop + latent float weights with a learnable step + noise-based quantiz
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from hdrq_lightning.errors import ConfigError
 from hdrq_lightning.quant.cache import check_cache_device
 
 PASSES = ("joint", "weights", "activations")
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _matches(value: Any, annotation: str) -> bool:
+    """Whether ``value`` is of the dataclass field's simple type (``float | None`` allows None; ints are floats)."""
+    kinds = [part.strip() for part in annotation.split("|")]
+    if value is None:
+        return "None" in kinds
+    if isinstance(value, bool):
+        return "bool" in kinds
+    if isinstance(value, int):
+        return "int" in kinds or "float" in kinds
+    if isinstance(value, float):
+        return "float" in kinds
+    if isinstance(value, str):
+        return "str" in kinds
+    return not any(kind in _TYPE_NAMES for kind in kinds)  # lists, tuples and nested recipes: checked elsewhere
+
+
+def check_field_types(obj: Any, prefix: str) -> None:
+    """Raise ConfigError naming the key when a field of simple type got a value of another (e.g. w_bits=abc)."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(f.type, str) and not _matches(value, f.type):
+            expected = " or ".join(_TYPE_NAMES.get(k.strip(), k.strip()) for k in f.type.split("|"))
+            raise ConfigError(f"{prefix}.{f.name}={value!r} is not {expected}; e.g. {prefix}.{f.name}="
+                              f"{f.default if f.default is not MISSING else '...'}.")
 ROUNDINGS = ("adaround", "latent", "nearest")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 
@@ -28,12 +55,18 @@ class WeightRecipe:
     scale_lr: float = 1e-4
     schedule: str = "constant"
 
+    def __post_init__(self) -> None:
+        check_field_types(self, "quant.weight")
+
 
 @dataclass
 class ActivationRecipe:
     learn_scale: bool = True          # LSQ step
     lr: float = 4e-5
     schedule: str = "cosine"
+
+    def __post_init__(self) -> None:
+        check_field_types(self, "quant.activation")
 
 
 @dataclass
@@ -44,6 +77,9 @@ class NoiseRecipe:
     reference_iters: int = 20000      # scaled proportionally for other iteration counts
     weights: bool = True
     activations: bool = True
+
+    def __post_init__(self) -> None:
+        check_field_types(self, "quant.noise")
 
     def switch_iteration(self, iters: int) -> int:
         """Iteration (0-based, within a block) from which fake-quant replaces noise."""
@@ -70,6 +106,7 @@ class Runtime:
     log_every: int = 25               # iterations between logged losses (each log is a device sync)
 
     def __post_init__(self) -> None:
+        check_field_types(self, "quant.runtime")
         check_cache_device(self.cache_device)
         for name in ("steps_per_batch", "log_every"):
             if getattr(self, name) < 1:
@@ -110,6 +147,7 @@ class Recipe:
     noise: NoiseRecipe = field(default_factory=NoiseRecipe)
 
     def __post_init__(self) -> None:
+        check_field_types(self, "quant")
         for name in ("w_bits", "a_bits"):
             bits = getattr(self, name)
             if not 2 <= bits <= 8:

@@ -179,6 +179,12 @@ class ReconstructionModule(L.LightningModule):
     def phase_iteration(self) -> int:
         return self._step - self.phase.start
 
+    def progress(self) -> tuple[int, str]:
+        """(iterations done over all units and passes, where the engine is) for progress displays."""
+        phase = self.phase
+        return self._step, (f"unit {phase.block + 1}/{len(self.quant_blocks)} {self.block_names[phase.block]}, "
+                            f"{phase.pass_name} {min(self._step - phase.start, phase.iters)}/{phase.iters}")
+
     def current_layers(self) -> list[tuple[str, nn.Module]]:
         return self.block_layers[self.phase.block]
 

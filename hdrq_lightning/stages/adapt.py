@@ -6,14 +6,15 @@ import lightning as L
 from omegaconf import DictConfig
 
 from hdrq_lightning.adapt.shot_module import ShotModule
-from hdrq_lightning.artifacts import require_compatible, save_weights
+from hdrq_lightning.artifacts import save_weights
 from hdrq_lightning.evaluation import domain_accuracy
 from hdrq_lightning.stages.common import (
     build_datamodule,
     build_trainer,
     fingerprints,
     load_model,
-    log,
+    notice,
+    require_finished,
     resume_path,
     stage_run,
     start_fresh_if_forced,
@@ -23,7 +24,7 @@ from hdrq_lightning.stages.common import (
 def run_adapt(cfg: DictConfig) -> dict:
     dm = build_datamodule(cfg)
     source_run = stage_run(cfg, "source", dm.source)
-    require_compatible(source_run, fingerprints(cfg), "adapt")
+    require_finished(source_run, cfg, "adapt")
     results = {}
     for target in dm.targets:
         results[target] = adapt_one(cfg, dm, source_run.weights_path, target)
@@ -34,9 +35,9 @@ def adapt_one(cfg: DictConfig, dm, source_weights, target: str) -> dict:
     run = stage_run(cfg, "adapt", target)
     if not start_fresh_if_forced(cfg, run):
         return run.metrics()
-    run.prepare(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = load_model(cfg, dm.num_classes, source_weights)
+    run.prepare(cfg)
     source_only = domain_accuracy(model, dm, target)
     hp = cfg.adapt
     module = ShotModule(model, dm.num_classes, pseudo_label_loader=dm.loader(target, "train"), lr=hp.lr,
@@ -49,6 +50,6 @@ def adapt_one(cfg: DictConfig, dm, source_weights, target: str) -> dict:
     trainer.fit(module, datamodule=dm, ckpt_path=resume_path(run, f"adapt/{target}"))
     adapted = domain_accuracy(model, dm, target)
     save_weights(model.state_dict(), run.weights_path, {"format": "fp", "stage": "adapt", "domain": target})
-    log.info("adapt %s -> %s: source-only %.2f%%, adapted %.2f%%", dm.source, target, source_only, adapted)
+    notice.info("adapt %s -> %s: source-only %.2f%%, adapted %.2f%%", dm.source, target, source_only, adapted)
     return run.finish({"stage": "adapt", "method": hp.method, "source": dm.source, "target": target,
                        "fingerprints": fingerprints(cfg), "source_only_acc": source_only, "adapted_acc": adapted})

@@ -16,7 +16,7 @@ from hdrq_lightning.analysis import (
     plot_loss_surface,
     plot_sample_distribution,
 )
-from hdrq_lightning.artifacts import require_compatible, write_json
+from hdrq_lightning.artifacts import write_json
 from hdrq_lightning.errors import ConfigError
 from hdrq_lightning.evaluation import default_device
 from hdrq_lightning.merge import get_merge_method
@@ -30,7 +30,8 @@ from hdrq_lightning.stages.common import (
     fingerprints,
     load_model,
     load_model_file,
-    log,
+    notice,
+    require_finished,
     stage_run,
     start_fresh_if_forced,
 )
@@ -87,8 +88,7 @@ def run_analyze(cfg: DictConfig) -> dict:
     quant_runs = [stage_run(cfg, "quantize", recipe.tag, t) for t in pair]
     adapt_runs = [stage_run(cfg, "adapt", t) for t in pair]
     for upstream in (*quant_runs, *adapt_runs):
-        require_compatible(upstream, expected, "analyze")
-    run.prepare(cfg)
+        require_finished(upstream, cfg, "analyze")
     device = default_device()
     evaluate = DomainEvaluator(dm, pair, cfg.analysis.max_images, device)
     lambdas = [i / (cfg.analysis.lambdas - 1) for i in range(cfg.analysis.lambdas)]
@@ -105,6 +105,7 @@ def run_analyze(cfg: DictConfig) -> dict:
     # Eq. 3: quantized endpoints; the model at lambda is the interpolation re-quantized on the interpolated grid.
     experts = [load_integer_file(r.dir / QUANTIZED_FILE)[0] for r in quant_runs]
     quant_model = load_model_file(cfg, dm.num_classes, quant_runs[0].dir / QUANTIZED_FILE)
+    run.prepare(cfg)  # every input read: a failure above leaves no run dir behind
     grid_merge = get_merge_method("quantized", sampling="none", selection="none")
 
     def quant_at(lam: float) -> tuple[float, float]:
@@ -155,7 +156,7 @@ def run_analyze(cfg: DictConfig) -> dict:
         "samples": samples,
     }
     write_json(run.dir / "analysis.json", result)
-    log.info("analysis %s: FP barrier %.4f, quantized barrier %.4f", recipe.tag, barriers["FP"].barrier,
+    notice.info("analysis %s: FP barrier %.4f, quantized barrier %.4f", recipe.tag, barriers["FP"].barrier,
              barriers[recipe.tag].barrier)
     return run.finish({k: result[k] for k in ("stage", "method", "w_bits", "a_bits", "pair", "fingerprints")} |
                       {"barrier": {k: v.barrier for k, v in barriers.items()},

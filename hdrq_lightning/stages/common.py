@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -13,33 +12,46 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.errors import InstantiationException
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from torch import nn
 
-from hdrq_lightning.artifacts import AtomicCheckpointIO, StageRun, fingerprint, load_weights
+from hdrq_lightning.artifacts import (
+    AtomicCheckpointIO,
+    StageRun,
+    fingerprint,
+    load_weights,
+    unreadable_weights,
+)
+from hdrq_lightning.callbacks.progress import StageProgress
 from hdrq_lightning.errors import ArtifactError, ConfigError, HdrqError
 from hdrq_lightning.models.shot import ShotNet, build_shot_net
 from hdrq_lightning.quant.export import load_integer_file, load_integer_state
 from hdrq_lightning.quant.fold import fold_batch_norm
 from hdrq_lightning.quant.modules import QuantConfig, quantize_model
+from hdrq_lightning.stages.settings import DATA_IDENTITY_KEYS, mismatch_message, settings_mismatch
 
 log = logging.getLogger("hdrq")
-
-# Data keys that change what a model learns; batch sizes, workers and the data root do not.
-_DATA_IDENTITY_KEYS = ("name", "source", "seed", "image_size", "resize_size", "val_fraction", "transductive")
-
+# What a user sees on the terminal besides warnings and the progress lines: resumes, skips and results (the CLI's
+# logging config prints this logger's INFO records; every other INFO record goes to the log file only).
+notice = logging.getLogger("hdrq.notice")
 
 def stage_run(cfg: DictConfig, stage: str, *keys: str) -> StageRun:
     """``<runs_dir>/<experiment>/<stage>/<keys...>``: stable, so a re-run or a requeued job finds its work."""
-    return StageRun(Path(cfg.paths.runs_dir, cfg.name, stage, *keys))
+    for key in keys:
+        key = str(key)
+        if not key or key in (".", "..") or "/" in key or "\\" in key or Path(key).is_absolute():
+            raise ConfigError(f"{key!r} is not a valid run name for stage {stage!r}: a run dir is "
+                              f"{Path(cfg.paths.runs_dir) / cfg.name / stage}/<name>, with no '/' or '..' in it.")
+    root = Path(cfg.paths.runs_dir, cfg.name, stage)
+    return StageRun(root.joinpath(*map(str, keys)), root=root)
 
 
 def fingerprints(cfg: DictConfig) -> dict[str, str]:
-    data = {k: cfg.data.get(k) for k in _DATA_IDENTITY_KEYS}
+    data = {k: cfg.data.get(k) for k in DATA_IDENTITY_KEYS}
     return {"data": fingerprint(data), "model": fingerprint(cfg.model)}
 
 
@@ -65,22 +77,65 @@ def build_model(cfg: DictConfig, num_classes: int) -> ShotNet:
     return build_shot_net(**kwargs, pretrained=cfg.model.pretrained, checkpoint_path=cfg.model.checkpoint_path)
 
 
+def _load_state(model: nn.Module, state: dict, path: Path) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).strip().splitlines()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise ArtifactError(f"{path} does not hold weights of the configured model ({detail}); it was made with "
+                            "another model config: use the model settings it was made with, or re-run the stage "
+                            f"that wrote {path.parent} with force=true.") from None
+
+
 def load_model(cfg: DictConfig, num_classes: int, weights: Path) -> ShotNet:
     model = build_model(cfg, num_classes)
-    model.load_state_dict(load_weights(weights))
+    _load_state(model, load_weights(weights), Path(weights))
     return model
 
 
 def start_fresh_if_forced(cfg: DictConfig, run: StageRun) -> bool:
-    """True if the stage must (re)run; with force=true its old run dir is cleared first (by rank 0 only: under
-    DDP the other ranks start later, when rank 0 has cleared it and written the new run's first files)."""
+    """True if the stage must (re)run, False if ``run`` is done with this config's settings.
+
+    With force=true the run dir is cleared first (by rank 0 only: under DDP the other ranks start later, when rank
+    0 has cleared it and written the new run's first files); only a dir inside the stage's own folder is ever
+    cleared. A finished run, or one that would resume from its checkpoint, whose recorded settings differ from
+    this config's is refused with the differing keys named: it is never silently reused.
+    """
     if cfg.force and run.dir.exists() and rank_zero_only.rank == 0:
-        log.info("force=true: clearing %s", run.dir)
-        shutil.rmtree(run.dir)
-    if run.is_done():
-        log.info("skipping %s: already done (force=true re-runs it)", run.dir)
+        notice.info("force=true: clearing %s", run.dir)
+        run.clear()
+    done = run.is_done()
+    if done or run.last_checkpoint is not None:
+        differences = settings_mismatch(run, cfg, run.stage)
+        if differences:
+            raise ArtifactError(mismatch_message(
+                run, differences, "Re-run it with the current settings by adding force=true (this replaces that "
+                "run), or repeat the settings it was made with."))
+    if done:
+        notice.info("skipping %s: already done (force=true re-runs it)", run.dir)
         return False
     return True
+
+
+def require_finished(upstream: StageRun, cfg: DictConfig, what: str) -> dict[str, Any]:
+    """The metrics of a finished upstream run made with this config's settings for that stage (else an error)."""
+    if not upstream.is_done():
+        raise ArtifactError(
+            f"{what} needs the finished run in {upstream.dir}, which is missing or incomplete; run `hdrq "
+            f"{_STAGE_COMMANDS.get(upstream.stage, upstream.stage)}` first with the same experiment settings.")
+    differences = settings_mismatch(upstream, cfg, upstream.stage)
+    if differences:
+        raise ArtifactError(mismatch_message(
+            upstream, differences, f"{what} would use it as if it were made with the current ones. Re-run `hdrq "
+            f"{_STAGE_COMMANDS.get(upstream.stage, upstream.stage)}` with the current settings and force=true, or "
+            "repeat the settings it was made with."))
+    return upstream.metrics()
+
+
+# run-dir stage -> the command that makes it
+_STAGE_COMMANDS = {"source": "source", "adapt": "adapt", "quantize": "quantize", "merge": "merge",
+                   "analysis": "analyze", "evaluate": "evaluate"}
 
 
 def build_loggers(cfg: DictConfig, run: StageRun, job_type: str, tags: Sequence[str] = ()) -> list[Logger]:
@@ -92,7 +147,8 @@ def build_loggers(cfg: DictConfig, run: StageRun, job_type: str, tags: Sequence[
             raise ConfigError("logger=wandb needs the wandb package: pip install wandb.") from err
         loggers.append(WandbLogger(
             project=cfg.logger.project, entity=cfg.logger.get("entity"), group=cfg.name, job_type=job_type,
-            tags=list(tags), name=f"{job_type}/{run.dir.name}", id=run.wandb_id(), resume="allow",
+            tags=list(tags), name=f"{job_type}/{run.dir.relative_to(run.root) if run.root else run.dir.name}",
+            id=run.wandb_id(), resume="allow",
             save_dir=str(run.dir), offline=cfg.logger.mode != "online",
             config=OmegaConf.to_container(cfg, resolve=True)))
     return loggers
@@ -119,8 +175,9 @@ class FinishWandbRun(Callback):
 
 def build_trainer(cfg: DictConfig, run: StageRun, job_type: str, tags: Sequence[str] = (),
                   checkpoint: ModelCheckpoint | None = None, callbacks: Sequence[Callback] = (),
-                  **overrides: Any) -> L.Trainer:
-    """A Trainer writing checkpoints (atomically) into ``run.checkpoint_dir`` and logs into the run dir."""
+                  progress: StageProgress | None = None, **overrides: Any) -> L.Trainer:
+    """A Trainer writing checkpoints (atomically) into ``run.checkpoint_dir`` and logs into the run dir, with one
+    progress line for the whole run (``progress``; default: optimizer steps and the epoch)."""
     kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs.update(overrides)
     checkpoint = checkpoint or epoch_checkpoint(run.checkpoint_dir)
@@ -128,7 +185,9 @@ def build_trainer(cfg: DictConfig, run: StageRun, job_type: str, tags: Sequence[
     if cfg.logger.get("wandb"):
         all_callbacks.append(FinishWandbRun())
     if kwargs.get("enable_progress_bar", True):
-        all_callbacks.append(RichProgressBar())
+        all_callbacks.append(progress or StageProgress(
+            f"{job_type} {run.dir.relative_to(run.root) if run.root else run.dir.name}",
+            total=lambda trainer, module: trainer.estimated_stepping_batches))
     return L.Trainer(default_root_dir=str(run.dir), logger=build_loggers(cfg, run, job_type, tags),
                      callbacks=all_callbacks, plugins=[AtomicCheckpointIO()], **kwargs)
 
@@ -136,7 +195,7 @@ def build_trainer(cfg: DictConfig, run: StageRun, job_type: str, tags: Sequence[
 def resume_path(run: StageRun, what: str) -> str | None:
     ckpt = run.last_checkpoint
     if ckpt is not None:
-        log.info("resuming %s from checkpoint %s", what, ckpt)
+        notice.info("resuming %s from checkpoint %s", what, ckpt)
     return str(ckpt) if ckpt else None
 
 
@@ -159,8 +218,11 @@ def quantized_metadata(config: QuantConfig, **extra: str) -> dict[str, str]:
 
 def load_model_file(cfg: DictConfig, num_classes: int, path: Path) -> nn.Module:
     """Rebuild the network a weight file describes (FP, BN-folded FP, or integer-quantized), in eval mode."""
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+    except Exception as error:  # noqa: BLE001 - SafetensorError, OSError: one problem for the user
+        raise unreadable_weights(path, error) from None
     kind = metadata.get("format", "fp")
     if kind == "quantized":
         state, _ = load_integer_file(path)
@@ -170,5 +232,5 @@ def load_model_file(cfg: DictConfig, num_classes: int, path: Path) -> nn.Module:
     model = build_model(cfg, num_classes)
     if kind == "fp_folded":
         model = fold_batch_norm(model)
-    model.load_state_dict(load_weights(path))
+    _load_state(model, load_weights(path), path)
     return model.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from hdrq_lightning.analysis import BarrierCurve
+from hdrq_lightning.analysis import BarrierCurve, plot_loss_surface
 from hdrq_lightning.artifacts import read_json
 from hdrq_lightning.errors import ConfigError
 from hdrq_lightning.gpus import data_parallel
@@ -37,6 +38,22 @@ def variant(overrides: list[str], extra: list[str]) -> DictConfig:
     """The config of one pipeline step: the user's overrides plus the step's own (quant preset, bits, merge)."""
     kept = [o for o in overrides if not _OWN_KEYS.match(o)]
     return compose(config_name="config", overrides=[*kept, *extra])
+
+
+def replot_surfaces_on_one_scale(cfg: DictConfig, keys: list[str]) -> None:
+    """Redraw every method's ``surface.png`` with the colour scale of all of them, so that one colour is one loss
+    in every method's plot (each analyze run draws its own on its own range)."""
+    runs = [stage_run(cfg, "analysis", key).dir for key in keys]
+    records = [read_json(run / "analysis.json") for run in runs]
+    values = [v for r in records for row in r["surface"]["losses"] for v in row if math.isfinite(v)]
+    if not values:
+        return
+    for run, record in zip(runs, records):
+        surface = record["surface"]
+        title = f"loss surface: {record['method']} W{record['w_bits']}A{record['a_bits']}, " \
+                f"{' + '.join(record['pair'])} ({record['pair'][0]}); colour scale shared by all methods"
+        plot_loss_surface(surface["alphas"], surface["betas"], surface["losses"], run / "surface.png", title=title,
+                          value_range=(min(values), max(values)))
 
 
 def run_pipeline(cfg: DictConfig) -> dict:
@@ -93,10 +110,15 @@ def run_pipeline(cfg: DictConfig) -> dict:
             curves.setdefault("FP", BarrierCurve(**record["barrier"]["FP"]))
             curves[method] = BarrierCurve(**record["barrier"][merge_key(acfg)])
         summary["fp_barrier"] = curves["FP"].barrier
+        replot_surfaces_on_one_scale(cfg, [merge_key(variant(overrides, [
+            "stage=analyze", f"quant={method}", f"quant.w_bits={w_bits}", f"quant.a_bits={a_bits}"]))
+            for method in cfg.pipeline.methods])
     out_dir = Path(cfg.paths.runs_dir) / cfg.name
     images = write_summary(out_dir, summary, curves)
     log_summary_to_wandb(cfg, out_dir, summary, images)
     print((out_dir / "summary.md").read_text())
-    print(f"outputs: {out_dir.resolve()} (summary.json, summary.md, comparison.png, barrier.png, "
-          "analysis/<method>/*.png)")
+    log_file = Path(HydraConfig.get().runtime.output_dir) / f"{HydraConfig.get().job.name}.log"
+    analysis = f"{out_dir / 'analysis'}/<method>_w<W>a<A>/*.png, " if "analysis" in summary else ""
+    print(f"outputs: {out_dir.resolve()}/summary.json, summary.md, comparison.png, barrier.png; {analysis}"
+          f"every stage's run dir under {out_dir}/<stage>/; the full log: {log_file}")
     return summary

@@ -9,8 +9,9 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from hdrq_lightning.artifacts import require_compatible
 from hdrq_lightning.callbacks import CosineWarmup, DistanceRegularizer, NoiseToFakeQuantSwitch
+from hdrq_lightning.callbacks.progress import StageProgress
+from hdrq_lightning.callbacks.wall_clock import WallClock
 from hdrq_lightning.evaluation import domain_accuracy
 from hdrq_lightning.gpus import data_parallel
 from hdrq_lightning.quant.distributed import reconstruction_trainer_arguments
@@ -19,14 +20,16 @@ from hdrq_lightning.quant.fold import fold_batch_norm
 from hdrq_lightning.quant.modules import QuantConfig, quantize_model
 from hdrq_lightning.quant.recipe import Recipe, Runtime
 from hdrq_lightning.quant.reconstruction import ReconstructionModule
+from hdrq_lightning.report import wandb_run
 from hdrq_lightning.stages.common import (
     build_datamodule,
     build_trainer,
     fingerprints,
     load_model,
-    log,
     model_spec,
+    notice,
     quantized_metadata,
+    require_finished,
     resume_path,
     stage_run,
     start_fresh_if_forced,
@@ -47,14 +50,13 @@ def quant_config(recipe: Recipe) -> QuantConfig:
 def run_quantize(cfg: DictConfig) -> dict:
     dm = build_datamodule(cfg)
     recipe = Recipe.from_config(cfg.quant)
-    expected = fingerprints(cfg)
     source_run = stage_run(cfg, "source", dm.source)
-    require_compatible(source_run, expected, "quantize")
+    require_finished(source_run, cfg, "quantize")
     source_folded = fold_batch_norm(load_model(cfg, dm.num_classes, source_run.weights_path))
     results = {}
     for target in dm.targets:
         adapt_run = stage_run(cfg, "adapt", target)
-        require_compatible(adapt_run, expected, "quantize")
+        require_finished(adapt_run, cfg, "quantize")
         results[target] = quantize_one(cfg, dm, recipe, source_folded, adapt_run.weights_path, target)
     return results
 
@@ -64,11 +66,11 @@ def quantize_one(cfg: DictConfig, dm, recipe: Recipe, source_folded: torch.nn.Mo
     run = stage_run(cfg, "quantize", recipe.tag, target)
     if not start_fresh_if_forced(cfg, run):
         return run.metrics()
-    run.prepare(cfg)
     started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     fp_model = fold_batch_norm(load_model(cfg, dm.num_classes, expert_weights))
     quant_model = quantize_model(fp_model, quant_config(recipe))
+    run.prepare(cfg)
     calibration = torch.cat([images for images, _, _ in dm.calibration_loader(
         target, size=cfg.quant.calibration_size, batch_size=recipe.batch_size)])
     runtime = Runtime.from_config(cfg.quant.get("runtime"))
@@ -76,14 +78,17 @@ def quantize_one(cfg: DictConfig, dm, recipe: Recipe, source_folded: torch.nn.Mo
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     module = ReconstructionModule(fp_model, quant_model, calibration, recipe, seed=cfg.seed, runtime=runtime,
                                   model_factory=model_spec(cfg, dm.num_classes))
-    callbacks = [CosineWarmup(recipe.warmup_fraction)]
+    clock = WallClock(started)
+    callbacks = [CosineWarmup(recipe.warmup_fraction), clock]
     if recipe.noise.enabled:
         callbacks.append(NoiseToFakeQuantSwitch(recipe.noise))
     if recipe.distance_weight > 0:
         source_weights = {k: v for k, v in source_folded.state_dict().items() if k.endswith("weight")}
         callbacks.append(DistanceRegularizer(source_weights, recipe.distance_weight))
+    progress = StageProgress(f"quantize {recipe.tag}/{target}", total=lambda trainer, engine: engine.total_iters,
+                             describe=lambda engine: engine.progress())
     trainer = build_trainer(cfg, run, "quantize", tags=[recipe.method, f"w{recipe.w_bits}a{recipe.a_bits}", target],
-                            callbacks=callbacks, max_epochs=math.ceil(module.total_iters / recipe.checkpoint_every),
+                            callbacks=callbacks, progress=progress, max_epochs=math.ceil(module.total_iters / recipe.checkpoint_every),
                             num_sanity_val_steps=0, limit_val_batches=0,
                             **reconstruction_trainer_arguments(data_parallel(cfg.trainer)))
     trainer.fit(module, ckpt_path=resume_path(run, f"quantize/{recipe.tag}/{target}"))
@@ -94,8 +99,14 @@ def quantize_one(cfg: DictConfig, dm, recipe: Recipe, source_folded: torch.nn.Mo
     quant_acc = domain_accuracy(quant_model, dm, target)
     save_integer_state(export_integer_state(quant_model.cpu()), run.dir / QUANTIZED_FILE,
                        metadata=quantized_metadata(quant_config(recipe), method=recipe.method, target=target))
-    seconds = round(time.perf_counter() - started, 2)
-    log.info("quantize %s %s: FP %.2f%%, quantized %.2f%% (%.1fs)", recipe.tag, target, fp_acc, quant_acc, seconds)
+    seconds = round(clock.total_seconds(), 2)
+    wandb = wandb_run(cfg, run.dir, "quantize", f"quantize/{recipe.tag}/{target}",
+                      [recipe.method, f"w{recipe.w_bits}a{recipe.a_bits}", target])  # the Trainer's run, continued
+    if wandb is not None:
+        wandb.log({"quantize/test/fp_acc": fp_acc, "quantize/test/quant_acc": quant_acc,
+                   "quantize/seconds": seconds})
+        wandb.finish()
+    notice.info("quantize %s %s: FP %.2f%%, quantized %.2f%% (%.1fs)", recipe.tag, target, fp_acc, quant_acc, seconds)
     return run.finish({"stage": "quantize", "method": recipe.method, "w_bits": recipe.w_bits,
                        "a_bits": recipe.a_bits, "target": target, "fingerprints": fingerprints(cfg),
                        "fp_acc": fp_acc, "quant_acc": quant_acc, "seconds": seconds,

@@ -15,7 +15,7 @@ from hdrq_lightning.stages.common import (
     build_model,
     build_trainer,
     fingerprints,
-    log,
+    notice,
     resume_path,
     stage_run,
     start_fresh_if_forced,
@@ -27,9 +27,9 @@ def run_source(cfg: DictConfig) -> dict:
     run = stage_run(cfg, "source", dm.source)
     if not start_fresh_if_forced(cfg, run):
         return run.metrics()
-    run.prepare(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    model = build_model(cfg, dm.num_classes)
+    model = build_model(cfg, dm.num_classes)  # a bad checkpoint path fails here, before the run dir exists
+    run.prepare(cfg)
     hp = cfg.source
     module = SourceModule(model, dm.num_classes, lr=hp.lr, backbone_lr_mult=hp.backbone_lr_mult,
                           momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov,
@@ -48,5 +48,5 @@ def run_source(cfg: DictConfig) -> dict:
         "best_val_acc": round(100.0 * float(best.best_model_score), 4),
         "test_acc": evaluate_domains(model, dm, [dm.source, *dm.targets])["per_domain"],
     }
-    log.info("source %s: test accuracy %s", dm.source, metrics["test_acc"])
+    notice.info("source %s: test accuracy %s", dm.source, metrics["test_acc"])
     return run.finish(metrics)
