@@ -34,8 +34,10 @@ from bench.reconstruction import (  # noqa: E402
     PRESETS,
     add_workload_arguments,
     build_engine,
+    model_config,
     parse_workload_arguments,
 )
+from hdrq_lightning.callbacks.compile_ahead import CompileAheadCallback  # noqa: E402
 from hdrq_lightning.quant.distributed import reconstruction_trainer_arguments  # noqa: E402
 from hdrq_lightning.quant.recipe import Recipe  # noqa: E402
 from hdrq_lightning.quant.reconstruction import ReconstructionModule  # noqa: E402
@@ -102,7 +104,8 @@ def main() -> None:
     trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=args.devices, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, max_epochs=math.ceil(module.total_iters / recipe.checkpoint_every),
-                        callbacks=callbacks, **reconstruction_trainer_arguments(args.devices > 1))
+                        callbacks=[*callbacks, CompileAheadCallback(model_config(args.model))],
+                        **reconstruction_trainer_arguments(args.devices > 1))
     started = time.perf_counter()
     trainer.fit(module)
     if args.device == "cuda":

@@ -37,8 +37,7 @@ def main() -> None:
     noise = module.recipe.noise
     # the noise switch (a step hook) sets the mode from the iteration: start where the wanted mode runs
     switch = noise.switch_iteration(phase.iters) if args.mode == "nearest" and noise.enabled else 0
-    module._step = phase.start + switch
-    module._enter_phase()
+    module.seek(phase.start + switch, enter=True)
     for _ in range(5):
         module.reconstruction_step()
     torch.cuda.synchronize()

@@ -29,25 +29,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hdrq_lightning.callbacks import CosineWarmup, DistanceRegularizer, NoiseToFakeQuantSwitch  # noqa: E402
+from hdrq_lightning.callbacks import engine_callbacks  # noqa: E402
 from hdrq_lightning.models.shot import build_shot_net  # noqa: E402
 from hdrq_lightning.quant.fold import fold_batch_norm  # noqa: E402
 from hdrq_lightning.quant.modules import quantize_model  # noqa: E402
-from hdrq_lightning.quant.recipe import NoiseRecipe, Recipe, Runtime, WeightRecipe  # noqa: E402
+from hdrq_lightning.quant.recipe import Recipe, Runtime  # noqa: E402
 from hdrq_lightning.quant.reconstruction import ReconstructionModule  # noqa: E402
-from hdrq_lightning.stages.quantize import quant_config  # noqa: E402
 
-PRESETS = {
-    "brecq": dict(passes=["weights", "activations"], input_quant_prob=1.0, drop_prob=0.0),
-    "qdrop": dict(passes=["joint"]),
-    "hdrq": dict(passes=["joint"], distance_weight=0.05, noise=NoiseRecipe(enabled=True),
-                 weight=WeightRecipe(rounding="latent", symmetric=True, learn_scale=True, lr=1e-4,
-                                     schedule="warmup_cosine")),
-}
+METHODS = ("brecq", "qdrop", "hdrq")
+
+
+def preset(method: str) -> dict[str, Any]:
+    """The quant preset as the CLI composes it: conf/quant/base.yaml with conf/quant/<method>.yaml on top (their
+    ``defaults: [base, _self_]``), without the runtime and calibration keys (the bench sets those)."""
+    conf = Path(__file__).resolve().parent.parent / "conf" / "quant"
+    own = OmegaConf.load(conf / f"{method}.yaml")
+    own.pop("defaults", None)
+    merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(conf / "base.yaml"), own), resolve=True)
+    return {k: v for k, v in merged.items() if k not in ("runtime", "calibration_size")}
+
+
+PRESETS = {method: preset(method) for method in METHODS}
 PATHS = {
     "eager": Runtime(compile=False, channels_last=False, tf32=False, fused_optimizer=False),
     "graphs": Runtime(cuda_graphs=True, channels_last=True, tf32=True, fused_optimizer=True),
@@ -84,13 +91,12 @@ def matmul_tflops(dtype: torch.dtype, tf32: bool, device: str, size: int = 8192,
 
 def unit_flops(module: ReconstructionModule) -> int:
     """Forward + backward FLOPs of one step of the current unit (counted by torch's FlopCounterMode)."""
-    cache = module._cache
     unit = module.quant_blocks[module.phase.block]
-    inputs = cache.quant_input[: module.recipe.batch_size].clone().requires_grad_(False)
+    inputs = module.cache.quant_input[: module.recipe.batch_size].clone().requires_grad_(False)
     with FlopCounterMode(display=False) as counter:
         out = unit(inputs)
         out.float().pow(2).sum().backward()
-    module._optimizer.zero_grad(set_to_none=True)
+    module.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 
@@ -103,17 +109,17 @@ def build_engine(model_name: str, method: str, path: str, calibration: int, imag
     runtime = dataclasses.replace(PATHS[path], **{k: v for k, v in overrides.items() if k in runtime_fields})
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = runtime.tf32
     fp = fold_batch_norm(build_shot_net(model_name, 65).eval())
-    recipe = Recipe(method=method, w_bits=4, a_bits=4, **PRESETS[method],
-                    **{k: v for k, v in overrides.items() if k not in runtime_fields})
-    module = ReconstructionModule(fp, quantize_model(fp, quant_config(recipe)),
-                                  torch.randn(calibration, 3, image, image), recipe, runtime=runtime,
-                                  model_factory=("hdrq_lightning.models.shot:build_shot_net",
-                                                 {"backbone": model_name, "num_classes": 65}))
-    callbacks = [CosineWarmup(recipe.warmup_fraction), NoiseToFakeQuantSwitch(recipe.noise)]
-    if recipe.distance_weight > 0:
-        callbacks.append(DistanceRegularizer({k: v for k, v in fp.state_dict().items() if k.endswith("weight")},
-                                             recipe.distance_weight))
+    recipe = Recipe.from_config({**PRESETS[method], "w_bits": 4, "a_bits": 4,
+                                 **{k: v for k, v in overrides.items() if k not in runtime_fields}})
+    module = ReconstructionModule(fp, quantize_model(fp, recipe.numerics()),
+                                  torch.randn(calibration, 3, image, image), recipe, runtime=runtime)
+    callbacks = engine_callbacks(recipe, {k: v for k, v in fp.state_dict().items() if k.endswith("weight")})
     return module, callbacks
+
+
+def model_config(model_name: str) -> dict[str, Any]:
+    """The architecture the compile-ahead worker rebuilds (as the quantize stage gives it)."""
+    return {"_target_": "hdrq_lightning.models.shot.build_shot_net", "backbone": model_name, "num_classes": 65}
 
 
 def drive_directly(module: ReconstructionModule, callbacks: list, device: str) -> ReconstructionModule:
@@ -144,13 +150,11 @@ def bench_model(args: argparse.Namespace, model_name: str, method: str, path: st
         phase = next(p for p in module.plan if p.block == block)
         for mode in modes:
             switch = recipe.noise.switch_iteration(phase.iters) if mode == "nearest" and recipe.noise.enabled else 0
-            module._step = phase.start + switch
-            module._cache = None
             if args.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             synchronize(args.device)
             started = time.perf_counter()
-            module._enter_phase()
+            module.seek(phase.start + switch, enter=True)
             synchronize(args.device)
             enter_seconds = time.perf_counter() - started
             flops = unit_flops(module)

@@ -28,7 +28,12 @@ from hdrq_lightning.errors import ArtifactError
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
+# Model files: a float model (source, adapt), a quantized expert, a merged model (models/io.py reads them all).
 WEIGHTS_FILE = "model.safetensors"
+QUANTIZED_FILE = "quantized.safetensors"
+MERGED_FILE = "merged.safetensors"
+# the order in which a run dir is searched for "its model"
+MODEL_FILES = (MERGED_FILE, QUANTIZED_FILE, WEIGHTS_FILE)
 
 
 @contextmanager

@@ -20,7 +20,6 @@ from hdrq_lightning.quant.fold import fold_batch_norm
 from hdrq_lightning.quant.modules import quantize_model
 from hdrq_lightning.quant.recipe import Recipe, Runtime
 from hdrq_lightning.quant.reconstruction import ReconstructionModule
-from hdrq_lightning.stages.quantize import quant_config
 
 BRECQ = dict(method="brecq", passes=["weights", "activations"], input_quant_prob=1.0, drop_prob=0.0, iters=6,
              act_iters=4, batch_size=8, checkpoint_every=4)
@@ -34,7 +33,7 @@ def reconstruct(devices: int, out_path: str, accelerator: str = "cpu", graphs: b
     fp = fold_batch_norm(build_shot_net("resnet_tiny", 10).eval())
     calibration = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     recipe = Recipe(**(QDROP if qdrop else BRECQ))
-    module = ReconstructionModule(fp, quantize_model(fp, quant_config(recipe)), calibration, recipe,
+    module = ReconstructionModule(fp, quantize_model(fp, recipe.numerics()), calibration, recipe,
                                   runtime=Runtime(cuda_graphs=graphs))
     backend = "gloo" if accelerator == "cpu" else "nccl"
     strategy = ManualSyncDDPStrategy(process_group_backend=backend) if devices > 1 else "auto"

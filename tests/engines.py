@@ -5,13 +5,12 @@ from __future__ import annotations
 import torch
 from timm.models.resnet import BasicBlock, ResNet
 
-from hdrq_lightning.callbacks import CosineWarmup, DistanceRegularizer, NoiseToFakeQuantSwitch
+from hdrq_lightning.callbacks import DistanceRegularizer, LearningRateSchedule, NoiseToFakeQuantSwitch
 from hdrq_lightning.models.shot import ShotNet, build_shot_net
 from hdrq_lightning.quant.fold import fold_batch_norm
 from hdrq_lightning.quant.modules import quantize_model
 from hdrq_lightning.quant.recipe import NoiseRecipe, Recipe, Runtime, WeightRecipe
 from hdrq_lightning.quant.reconstruction import ReconstructionModule
-from hdrq_lightning.stages.quantize import quant_config
 
 
 def tiny_model_and_calibration() -> tuple[torch.nn.Module, torch.Tensor]:
@@ -34,14 +33,17 @@ def three_block_stage_model() -> tuple[torch.nn.Module, torch.Tensor]:
     return fold_batch_norm(three_block_stage_net()), torch.randn(16, 3, 32, 32)
 
 
+# the architecture config of three_block_stage_net (what the compile-ahead worker rebuilds)
+THREE_BLOCK_STAGE_CONFIG = {"_target_": "engines.three_block_stage_net"}
+
+
 def started_engine(fp: torch.nn.Module, calibration: torch.Tensor, recipe: Recipe, runtime: Runtime,
-                   device: str = "cpu", model_factory: tuple[str, dict] | None = None,
-                   world: tuple[int, int] = (1, 0)) -> ReconstructionModule:
+                   device: str = "cpu", world: tuple[int, int] = (1, 0)) -> ReconstructionModule:
     """A freshly quantized engine on ``device`` with the lr-schedule and noise-switch hooks, at its first step."""
-    module = ReconstructionModule(fp, quantize_model(fp, quant_config(recipe)), calibration, recipe,
-                                  runtime=runtime, model_factory=model_factory).to(device)
+    module = ReconstructionModule(fp, quantize_model(fp, recipe.numerics()), calibration, recipe,
+                                  runtime=runtime).to(device)
     module.standalone_world = world
-    CosineWarmup(recipe.warmup_fraction).attach(module)
+    LearningRateSchedule(recipe.warmup_fraction).attach(module)
     NoiseToFakeQuantSwitch(recipe.noise).attach(module)
     module.start()
     return module
@@ -55,7 +57,6 @@ def hdrq_engine_with_distance(runtime: Runtime, iters: int = 6, world: tuple[int
                     weight=WeightRecipe(rounding="latent", symmetric=True, learn_scale=True, lr=1e-4,
                                         schedule="warmup_cosine"))
     fp, calibration = three_block_stage_model()
-    engine = started_engine(fp, calibration, recipe, runtime, model_factory=("engines:three_block_stage_net", {}),
-                            world=world)
+    engine = started_engine(fp, calibration, recipe, runtime, world=world)
     DistanceRegularizer(fp.state_dict(), recipe.distance_weight).attach(engine)
     return engine

@@ -11,9 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from engines import hdrq_engine_with_distance, started_engine, three_block_stage_model
+from engines import (
+    THREE_BLOCK_STAGE_CONFIG,
+    hdrq_engine_with_distance,
+    started_engine,
+    three_block_stage_model,
+)
 
-from hdrq_lightning.quant import compile_ahead
+from hdrq_lightning.callbacks import compile_ahead
 from hdrq_lightning.quant.recipe import Recipe, Runtime
 from hdrq_lightning.quant.reconstruction import ReconstructionModule
 
@@ -29,13 +34,12 @@ def test_ahead_recipe_switches_noise_to_fake_quant_between_its_two_steps():
         runtime.cache_device == "device"
 
 
-def test_no_worker_on_the_cpu_without_compile_or_without_a_model_factory(monkeypatch):
-    compiled, eager, unbuildable = (hdrq_engine_with_distance(Runtime(compile=c)) for c in (True, False, True))
-    unbuildable.model_factory = None
-    assert compile_ahead.launch(compiled) is None  # on the CPU
+def test_no_worker_on_the_cpu_without_compile_or_without_a_model_config(monkeypatch):
+    compiled, eager = (hdrq_engine_with_distance(Runtime(compile=c)) for c in (True, False))
+    assert compile_ahead.launch(compiled, THREE_BLOCK_STAGE_CONFIG) is None  # on the CPU
     monkeypatch.setattr(ReconstructionModule, "device", property(lambda self: torch.device("cuda", 0)))
-    assert compile_ahead.launch(eager) is None
-    assert compile_ahead.launch(unbuildable) is None
+    assert compile_ahead.launch(eager, THREE_BLOCK_STAGE_CONFIG) is None
+    assert compile_ahead.launch(compiled, None) is None
 
 
 @pytest.mark.parametrize("start_unit", [0, 5])
@@ -43,8 +47,8 @@ def test_worker_steps_the_units_left_twice_each(tmp_path, start_unit):
     """Eager payload (fast): the twin is built from the payload (models, loss terms that pickle, recipe) and runs
     two steps for each unit from the engine's current one on."""
     engine = hdrq_engine_with_distance(Runtime())
-    engine._step = engine.plan[start_unit].start
-    compile_ahead.write_payload(engine, tmp_path / "payload.pt", start=(start_unit, 0))
+    engine.seek(engine.plan[start_unit].start)
+    compile_ahead.write_payload(engine, tmp_path / "payload.pt", start=(start_unit, 0), model_config=THREE_BLOCK_STAGE_CONFIG)
     assert compile_ahead.run_worker(tmp_path / "payload.pt", "cpu") == 2 * (len(engine.plan) - start_unit)
 
 
@@ -55,7 +59,7 @@ def test_the_worker_starts_past_the_graph_the_engine_compiles_itself():
     last = hdrq.plan[-1].start
     starts = {}
     for step in (0, 4, 5, last + 4, last + 5):
-        hdrq._step = step
+        hdrq.seek(step)
         starts[step] = compile_ahead.ahead_start(hdrq)
     assert starts == {0: (0, 1), 4: (0, 1), 5: (1, 0), last + 4: (len(hdrq.plan) - 1, 1), last + 5: None}
     fp, calibration = three_block_stage_model()
@@ -65,7 +69,7 @@ def test_the_worker_starts_past_the_graph_the_engine_compiles_itself():
 
 def test_worker_from_the_fake_quant_step_of_the_current_unit(tmp_path):
     engine = hdrq_engine_with_distance(Runtime())
-    compile_ahead.write_payload(engine, tmp_path / "payload.pt", compile_ahead.ahead_start(engine))
+    compile_ahead.write_payload(engine, tmp_path / "payload.pt", compile_ahead.ahead_start(engine), model_config=THREE_BLOCK_STAGE_CONFIG)
     twin = compile_ahead.build_twin(tmp_path / "payload.pt", "cpu")
     modes = []
     twin.step_hooks["record"] = lambda module: modes.append((module.phase.block, _weight_modes(module)))
@@ -85,7 +89,7 @@ def _weight_modes(engine: ReconstructionModule) -> str:
 def test_the_twin_of_a_ddp_rank_takes_that_ranks_slice_of_the_batch(tmp_path, world):
     """Every rank starts its own worker: a rank's graphs have its rows of the global batch (and its device)."""
     engine = hdrq_engine_with_distance(Runtime(), world=world)  # as under a Trainer with this world and rank
-    compile_ahead.write_payload(engine, tmp_path / "payload.pt", start=(0, 0))  # every unit
+    compile_ahead.write_payload(engine, tmp_path / "payload.pt", start=(0, 0), model_config=THREE_BLOCK_STAGE_CONFIG)  # every unit
     twin = compile_ahead.build_twin(tmp_path / "payload.pt", "cpu")
     assert twin._local_slice() == engine._local_slice() != slice(0, engine.recipe.batch_size)
     drops = {q.batch_rows for q in twin.quant_blocks[0].modules() if hasattr(q, "batch_rows")}
@@ -101,8 +105,8 @@ def test_worker_fills_the_caches_the_engine_compiles_from(tmp_path, world):
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     engine = hdrq_engine_with_distance(Runtime(compile=True), world=world)
-    compile_ahead.write_payload(engine, tmp_path / "payload.pt", start=(0, 0))  # every unit
-    subprocess.run([sys.executable, "-m", "hdrq_lightning.quant.compile_ahead", str(tmp_path / "payload.pt"), "cpu"],
+    compile_ahead.write_payload(engine, tmp_path / "payload.pt", start=(0, 0), model_config=THREE_BLOCK_STAGE_CONFIG)  # every unit
+    subprocess.run([sys.executable, "-m", "hdrq_lightning.callbacks.compile_ahead", str(tmp_path / "payload.pt"), "cpu"],
                    env=env, check=True, capture_output=True)
     assert not (tmp_path / "payload.pt").exists()  # the worker process removes it once read
     code = ("import json, sys; sys.path.insert(0, sys.argv[1])\n"
@@ -124,7 +128,7 @@ def test_launch_skips_a_worker_for_loss_terms_that_do_not_pickle(monkeypatch):
     engine = hdrq_engine_with_distance(Runtime(compile=True))
     engine.loss_terms["local"] = compile_ahead  # a module object: not picklable
     monkeypatch.setattr(ReconstructionModule, "device", property(lambda self: torch.device("cuda", 0)))
-    assert compile_ahead.launch(engine) is None
+    assert compile_ahead.launch(engine, THREE_BLOCK_STAGE_CONFIG) is None
 
 
 def test_stopping_the_worker_reports_the_engines_cache_hits(tmp_path, caplog, monkeypatch):

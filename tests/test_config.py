@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,10 @@ from omegaconf import OmegaConf
 from hdrq_lightning.artifacts import StageRun
 from hdrq_lightning.errors import HdrqError
 from hdrq_lightning.merge import get_merge_method
+from hdrq_lightning.models.build import architecture
+from hdrq_lightning.models.build import build_model as build_from_config
 from hdrq_lightning.quant.recipe import Recipe
-from hdrq_lightning.stages.common import build_datamodule, build_loggers, build_model, model_spec
+from hdrq_lightning.stages.common import build_datamodule, build_loggers, build_model
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
@@ -51,9 +52,8 @@ def test_model_groups_build(compose_cfg, model):
     cfg = compose_cfg("source", f"model={model}")
     net = build_model(cfg, num_classes=5)
     assert net.classifier.out_features == 5
-    # the spec the compile-ahead worker rebuilds from: the same parameters, by name and shape
-    module_name, _, function = model_spec(cfg, 5)[0].partition(":")
-    twin = getattr(importlib.import_module(module_name), function)(**model_spec(cfg, 5)[1])
+    # the architecture the compile-ahead worker and model files rebuild from: the same parameters, by name and shape
+    twin = build_from_config(architecture(cfg.model, 5))
     assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
 
 

@@ -11,14 +11,13 @@ import pytest
 import torch
 from engines import started_engine, tiny_model_and_calibration
 
-from hdrq_lightning.callbacks import CosineWarmup, NoiseToFakeQuantSwitch
+from hdrq_lightning.callbacks import LearningRateSchedule, NoiseToFakeQuantSwitch
 from hdrq_lightning.errors import ConfigError
 from hdrq_lightning.quant.cache import cache_budget_bytes
 from hdrq_lightning.quant.modules import quantize_model
 from hdrq_lightning.quant.quantizers import ActivationQuantizer
 from hdrq_lightning.quant.recipe import NoiseRecipe, Recipe, Runtime, WeightRecipe
 from hdrq_lightning.quant.reconstruction import ReconstructionModule
-from hdrq_lightning.stages.quantize import quant_config
 
 HDRQ = dict(method="hdrq", distance_weight=0.0, noise=NoiseRecipe(enabled=True),
             weight=WeightRecipe(rounding="latent", symmetric=True, learn_scale=True, lr=1e-4,
@@ -88,11 +87,11 @@ def test_cuda_graphs_on_cpu_run_eagerly(setup):
 
 def _fit(setup, recipe: Recipe, runtime: Runtime) -> ReconstructionModule:
     fp, calibration = setup
-    module = ReconstructionModule(fp, quantize_model(fp, quant_config(recipe)), calibration, recipe, runtime=runtime)
+    module = ReconstructionModule(fp, quantize_model(fp, recipe.numerics()), calibration, recipe, runtime=runtime)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         max_epochs=math.ceil(module.total_iters / recipe.checkpoint_every),
-                        callbacks=[CosineWarmup(recipe.warmup_fraction), NoiseToFakeQuantSwitch(recipe.noise)])
+                        callbacks=[LearningRateSchedule(recipe.warmup_fraction), NoiseToFakeQuantSwitch(recipe.noise)])
     trainer.fit(module)
     assert module.finished
     assert trainer.global_step == module.total_iters  # Lightning counts every engine step
@@ -110,7 +109,7 @@ def test_runtime_options_are_checked(setup):
     fp, calibration = setup
     recipe = Recipe(iters=2, batch_size=4, checkpoint_every=10, method="qdrop")
     with pytest.raises(ConfigError, match="multiple of quant.runtime.steps_per_batch"):
-        ReconstructionModule(fp, quantize_model(fp, quant_config(recipe)), calibration, recipe,
+        ReconstructionModule(fp, quantize_model(fp, recipe.numerics()), calibration, recipe,
                              runtime=Runtime(steps_per_batch=4))
     with pytest.raises(ConfigError, match="cache_device"):
         Runtime(cache_device="disk")

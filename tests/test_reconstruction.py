@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from hdrq_lightning.artifacts import AtomicCheckpointIO
-from hdrq_lightning.callbacks import CosineWarmup, DistanceRegularizer, NoiseToFakeQuantSwitch
+from hdrq_lightning.callbacks import DistanceRegularizer, LearningRateSchedule, NoiseToFakeQuantSwitch
 from hdrq_lightning.data.datamodule import DomainDataModule
 from hdrq_lightning.models.shot import build_shot_net
-from hdrq_lightning.quant.blocks import reconstruction_blocks
+from hdrq_lightning.quant.facts import reconstruction_units
 from hdrq_lightning.quant.fold import fold_batch_norm
 from hdrq_lightning.quant.modules import (
     activation_quantizers,
@@ -26,7 +26,6 @@ from hdrq_lightning.quant.modules import (
 from hdrq_lightning.quant.recipe import NoiseRecipe, Recipe, WeightRecipe
 from hdrq_lightning.quant.reconstruction import ReconstructionModule
 from hdrq_lightning.stages.common import epoch_checkpoint
-from hdrq_lightning.stages.quantize import quant_config
 
 PRESETS = {
     "brecq": dict(passes=["weights", "activations"], input_quant_prob=1.0, drop_prob=0.0),
@@ -44,7 +43,7 @@ def recipe(method: str, **overrides) -> Recipe:
 
 
 def callbacks(r: Recipe, source_state: dict[str, torch.Tensor]) -> list:
-    found = [CosineWarmup(r.warmup_fraction)]
+    found = [LearningRateSchedule(r.warmup_fraction)]
     if r.noise.enabled:
         found.append(NoiseToFakeQuantSwitch(r.noise))
     if r.distance_weight:
@@ -96,13 +95,13 @@ def tiny_models():
 
 def test_units_compose_to_the_model(tiny_models):
     model, fp, calibration = tiny_models
-    for net in (model, fp, quantize_model(fp, quant_config(recipe("qdrop")))):
+    for net in (model, fp, quantize_model(fp, recipe("qdrop").numerics())):
         x = calibration[:4]
         out = x
-        for _, unit in reconstruction_blocks(net):
+        for _, unit in reconstruction_units(net):
             out = unit(out)
         torch.testing.assert_close(out, net(x))
-    names = [name for name, _ in reconstruction_blocks(fp)]
+    names = [name for name, _ in reconstruction_units(fp)]
     assert names == ["stem", "layer1.0", "layer2.0", "layer3.0", "layer4.0", "head"]
 
 
@@ -110,7 +109,7 @@ def test_units_compose_to_the_model(tiny_models):
 def test_every_preset_runs_and_ends_on_the_grid(tiny_models, method):
     _, fp, calibration = tiny_models
     r = recipe(method)
-    quant = quantize_model(fp, quant_config(r))
+    quant = quantize_model(fp, r.numerics())
     module = reconstruct(fp, quant, calibration, r)
     assert module.iteration == module.total_iters == sum(p.iters for p in module.plan)
     for _, layer in quant_layers(quant):
@@ -125,9 +124,9 @@ def test_every_preset_runs_and_ends_on_the_grid(tiny_models, method):
 def test_reconstruction_reduces_the_output_error_of_round_to_nearest(tiny_models):
     _, fp, calibration = tiny_models
     r = recipe("qdrop", iters=40)
-    nearest = quantize_model(fp, quant_config(r))
+    nearest = quantize_model(fp, r.numerics())
     calibrate_activations(nearest, calibration.split(8))  # round-to-nearest weights, MSE activation ranges
-    reconstructed = reconstruct(fp, quantize_model(fp, quant_config(r)), calibration, r).quant_model
+    reconstructed = reconstruct(fp, quantize_model(fp, r.numerics()), calibration, r).quant_model
     with torch.no_grad():
         target = fp(calibration)
         error_nearest = F.mse_loss(nearest.eval()(calibration), target).item()
@@ -139,7 +138,7 @@ def test_reconstruction_reduces_the_output_error_of_round_to_nearest(tiny_models
 def test_resume_mid_block_equals_uninterrupted_run(tiny_models, tmp_path, method):
     _, fp, calibration = tiny_models
     r = recipe(method)
-    initial = quantize_model(fp, quant_config(r))
+    initial = quantize_model(fp, r.numerics())
     full = reconstruct(fp, copy.deepcopy(initial), calibration, r).quant_model.state_dict()
 
     # killed after 3 epochs of 5 iterations: iteration 15, inside unit 1 (iterations 12..23) of the first pass;
@@ -157,10 +156,10 @@ def test_resume_mid_block_equals_uninterrupted_run(tiny_models, tmp_path, method
 def test_checkpoint_of_another_recipe_is_refused(tiny_models, tmp_path):
     _, fp, calibration = tiny_models
     r = recipe("qdrop")
-    reconstruct(fp, quantize_model(fp, quant_config(r)), calibration, r, tmp_path=tmp_path, max_epochs=1)
+    reconstruct(fp, quantize_model(fp, r.numerics()), calibration, r, tmp_path=tmp_path, max_epochs=1)
     other = recipe("qdrop", iters=13)
     with pytest.raises(Exception, match="different quant recipe"):
-        reconstruct(fp, quantize_model(fp, quant_config(other)), calibration, other, tmp_path=tmp_path,
+        reconstruct(fp, quantize_model(fp, other.numerics()), calibration, other, tmp_path=tmp_path,
                     ckpt_path=str(tmp_path / "last.ckpt"))
 
 
@@ -189,7 +188,7 @@ def test_w4a4_on_digits_is_close_to_fp_for_every_preset():
     assert fp_acc > 80
     for method in ("brecq", "qdrop", "hdrq"):
         r = recipe(method, iters=150, act_iters=75, batch_size=32, checkpoint_every=150)
-        quant = reconstruct(fp, quantize_model(fp, quant_config(r)), calibration, r).quant_model
+        quant = reconstruct(fp, quantize_model(fp, r.numerics()), calibration, r).quant_model
         assert accuracy(quant) > fp_acc - 5, method
 
 
@@ -216,7 +215,7 @@ def test_qdrop_drops_in_the_current_unit_only_under_the_trainer(tiny_models, met
                 with torch.no_grad():  # the drop is random: two forwards differ
                     seen.append(not torch.equal(block(inputs), block(inputs)))
 
-    module = ReconstructionModule(fp, quantize_model(fp, quant_config(r)), calibration, r)
+    module = ReconstructionModule(fp, quantize_model(fp, r.numerics()), calibration, r)
     trainer = L.Trainer(max_epochs=math.ceil(module.total_iters / r.checkpoint_every), accelerator="cpu",
                         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, enable_checkpointing=False, callbacks=[*callbacks(r, {}), Probe()])

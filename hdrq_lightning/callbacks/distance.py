@@ -13,7 +13,7 @@ import lightning as L
 import torch
 
 from hdrq_lightning.callbacks.engine import EngineCallback
-from hdrq_lightning.quant.reconstruction import LossTerm
+from hdrq_lightning.quant.hooks import Engine, LossTerm
 
 
 class DistanceRegularizer(EngineCallback):
@@ -23,7 +23,7 @@ class DistanceRegularizer(EngineCallback):
         self.source_weights = dict(source_weights)
         self.weight = weight
 
-    def attach(self, engine: Any) -> None:
+    def attach(self, engine: Engine) -> None:
         """Add the penalty to the engine's loss (also when the engine is driven without a Trainer)."""
         engine.loss_terms["distance"] = LossTerm(self.sources, self.distance)
 

@@ -7,6 +7,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from hdrq_lightning.quant.hooks import Engine
+
 
 class EngineCallback(Callback):
     """Attaches itself to the engine (its step hooks or loss terms) when the Trainer sets up.
@@ -18,5 +20,5 @@ class EngineCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
         self.attach(pl_module)
 
-    def attach(self, engine: Any) -> None:
+    def attach(self, engine: Engine) -> None:
         raise NotImplementedError

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from hdrq_lightning.callbacks.engine import EngineCallback
+from hdrq_lightning.quant.hooks import Engine
 from hdrq_lightning.quant.recipe import NoiseRecipe
 
 
@@ -20,12 +21,12 @@ class NoiseToFakeQuantSwitch(EngineCallback):
     def phase_mode(self, iteration: int, iters: int) -> str:
         return "noise" if iteration < self.noise.switch_iteration(iters) else "nearest"
 
-    def attach(self, engine: Any) -> None:
+    def attach(self, engine: Engine) -> None:
         """Run before every engine iteration (also when the engine is driven without a Trainer)."""
         if self.noise.enabled:
             engine.step_hooks["noise_switch"] = self.before_step
 
-    def before_step(self, engine: Any) -> None:
+    def before_step(self, engine: Engine) -> None:
         mode = self.phase_mode(engine.phase_iteration, engine.phase.iters)
         engine.set_block_modes(weight=mode if self.noise.weights else None,
                                activation=mode if self.noise.activations else None)

@@ -42,9 +42,12 @@ class StageProgress(ProgressBar):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._enabled or not trainer.is_global_zero:
             return
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
-                                  console=Console(stderr=True), transient=False)
+        console = Console(stderr=True)
+        if not console.is_terminal:  # a log file: the whole line, not cut at 80 columns
+            console = Console(stderr=True, width=160)
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                                  TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
+                                  transient=False)
         done, detail = self.describe(pl_module)
         self._task = self._progress.add_task(self.label, total=self._total(trainer, pl_module), completed=done,
                                              detail=detail)

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from hdrq_lightning.callbacks.engine import EngineCallback
+from hdrq_lightning.quant.hooks import Engine
 
 
 def warmup_cosine_factor(iteration: int, total: int, warmup_fraction: float) -> float:
@@ -39,17 +40,18 @@ def schedule_factor(schedule: str, iteration: int, total: int, warmup_fraction: 
     return warmup_cosine_factor(iteration, total, warmup_fraction)
 
 
-class CosineWarmup(EngineCallback):
-    """Sets each param group's lr from its ``schedule`` before every reconstruction step (an engine step hook)."""
+class LearningRateSchedule(EngineCallback):
+    """Sets each param group's lr from its ``schedule`` (constant | cosine | warmup_cosine) before every
+    reconstruction step (an engine step hook)."""
 
     def __init__(self, warmup_fraction: float = 0.2) -> None:
         self.warmup_fraction = warmup_fraction
 
-    def attach(self, engine: Any) -> None:
+    def attach(self, engine: Engine) -> None:
         """Run before every engine iteration (also when the engine is driven without a Trainer)."""
         engine.step_hooks["lr"] = self.before_step
 
-    def before_step(self, engine: Any) -> None:
+    def before_step(self, engine: Engine) -> None:
         phase = engine.phase
         iteration, total = engine.phase_iteration, phase.iters
         for group in engine.active_groups(phase):

@@ -6,7 +6,9 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from hdrq_lightning.errors import ConfigError
 from hdrq_lightning.models.backbones import build_backbone
+from hdrq_lightning.quant.facts import QuantFacts
 
 
 class ShotNet(nn.Module):
@@ -35,6 +37,27 @@ class ShotNet(nn.Module):
             nn.init.xavier_normal_(weight)
             self.classifier.weight = weight  # through the parametrization: sets g and v
             nn.init.zeros_(self.classifier.bias)
+
+    def quant_facts(self) -> QuantFacts:
+        """8-bit weights on the first conv and the classifier, 8-bit input to the classifier (the bottleneck's
+        output, quantized since no ReLU follows it), as in BRECQ / QDrop / HDRQ."""
+        return QuantFacts(eight_bit_weights=("backbone.conv1", "classifier"), eight_bit_outputs=("bottleneck",),
+                          output_quantized=("bottleneck",))
+
+    def reconstruction_units(self) -> list[tuple[str, nn.Module]]:
+        """Stem, every residual block of the timm ResNet, head: a chain whose composition is the forward (also
+        after BN folding and quantization; the units share their modules with the model)."""
+        backbone = self.backbone
+        if not all(hasattr(backbone, n) for n in ("conv1", "bn1", "act1", "maxpool", "layer4", "global_pool")):
+            raise ConfigError(f"ShotNet's reconstruction units need a timm ResNet backbone, got "
+                              f"{type(backbone).__name__}.")
+        units: list[tuple[str, nn.Module]] = [
+            ("stem", nn.Sequential(backbone.conv1, backbone.bn1, backbone.act1, backbone.maxpool))]
+        for stage in ("layer1", "layer2", "layer3", "layer4"):
+            units += [(f"{stage}.{index}", block) for index, block in enumerate(getattr(backbone, stage))]
+        units.append(("head", nn.Sequential(backbone.global_pool, backbone.fc, self.bottleneck, self.bn,
+                                            self.classifier)))
+        return units
 
     def head_parameters(self) -> list[nn.Parameter]:
         return [*self.bottleneck.parameters(), *self.bn.parameters()]

@@ -55,6 +55,7 @@ class CacheBudget:
     """Device bytes left for a unit's cache; each tensor goes to the device while it fits."""
 
     left: float
+    fixed: bool = False  # a budget given by the user (a carried-forward tensor counts against it)
 
     def place(self, nbytes: int, keep: bool) -> bool:
         """Whether ``nbytes`` go to the device; ``keep``: they stay for the unit (intermediates do not count)."""

@@ -31,8 +31,10 @@ def _key(module_name: str, leaf: str) -> str:
 
 
 def _scale_shape(quantizer: WeightQuantizer, weight: Tensor) -> torch.Size:
-    """The quantizer's scale shape, with a per-tensor scalar written as [1, 1, ...] to broadcast."""
-    return quantizer.scale.shape if quantizer.scale.dim() else torch.Size([1] * weight.dim())
+    """The quantizer's scale shape for ``weight`` (also before it has a range), a per-tensor scalar written as
+    [1, 1, ...] to broadcast."""
+    shape = quantizer.range_shape(weight)
+    return torch.Size(shape) if shape else torch.Size([1] * weight.dim())
 
 
 def _other_state(model: nn.Module) -> dict[str, Tensor]:
@@ -147,7 +149,8 @@ def load_integer_state(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
         device = layer.weight.device
         scale = state[_key(name, "weight_scale")].to(device, torch.float32)
         zero_point = state[_key(name, "weight_zero_point")].to(device, torch.float32)
-        quantizer.set_range(scale.reshape(quantizer.scale.shape), zero_point.reshape(quantizer.scale.shape))
+        shape = quantizer.range_shape(layer.weight)  # the quantizer may have no range yet (a swap-only rebuild)
+        quantizer.set_range(scale.reshape(shape), zero_point.reshape(shape))
         layer.weight.copy_((codes.to(device, torch.float32) - zero_point) * scale)
         if layer.bias is not None:
             layer.bias.copy_(state[_key(name, "bias")])

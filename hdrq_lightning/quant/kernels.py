@@ -1,10 +1,10 @@
 """A Triton kernel for HDRQ's per-step residual histogram on CUDA devices (the torch code runs elsewhere).
 
 The torch path needs its input masked into a materialised tensor, counts exact zeros apart and lets ``torch.histc``
-increment shared bins with atomics: 0.69 ms per 32x256x56x56 activation on an H100. This kernel reads the scaled
-tensor (and mask) once; every program counts its share in a private histogram (``tl.histogram``) and adds it to
-the global counts once: 0.21 ms, about the time of reading its inputs (bench/histogram.py). Counts are exact
-integers (int32 accumulators), equal to torch.histc's.
+increment shared bins with atomics. This kernel reads the scaled tensor (and mask) once; every program counts its
+share in a private histogram (``tl.histogram``) and adds it to the global counts once, in about the time of reading
+its inputs (bench/histogram.py measures both; bench/results/histogram_h100.md). Counts are exact integers (int32
+accumulators), equal to torch.histc's.
 
 Importable without Triton: ``available()`` says whether the kernel can run.
 """
@@ -22,7 +22,7 @@ except ImportError:  # CPU-only installs
 
 _BLOCK = 2048
 _NUM_WARPS = 4
-_PROGRAMS_PER_SM = 8  # 2048 x 4 warps x 8/SM: 0.213 ms per 25.7M elements on an H100 (bench/histogram.py)
+_PROGRAMS_PER_SM = 8  # the fastest of bench/histogram.py's grid (bench/results/histogram_h100.md)
 
 
 def available(x: Tensor) -> bool:

@@ -2,10 +2,13 @@
 
 ``quantize_model`` swaps modules through ``QUANT_MODULE_REGISTRY`` (torchao / Model-Optimizer style).
 Activation quantizers sit on module outputs: after every ReLU (including the block output after
-add + ReLU) and after the Conv/Linear layers named in ``QuantConfig.output_quant_layers``.
+add + ReLU) and after the Conv/Linear layers named in ``QuantConfig.output_quant_layers`` or declared by the model
+(``quant_facts()``, quant/facts.py), which also names its 8-bit layers. Swapping and range initialisation are two
+steps (``quantize_model(..., init_ranges=False)`` then ``initialize_weight_ranges``, or a loaded integer file).
 """
 
 import copy
+import fnmatch
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hdrq_lightning.errors import ConfigError
+from hdrq_lightning.quant.facts import QuantFacts, quant_facts
 from hdrq_lightning.quant.fold import symbolic_graph
 from hdrq_lightning.quant.quantizers import RANGE_SEARCHES, ActivationQuantizer, WeightQuantizer, check_bits
 
@@ -150,9 +154,8 @@ class QuantReLU(nn.Module):
 
 
 def _weight_quantizer(weight: Tensor, config: QuantConfig, bits: int) -> WeightQuantizer:
-    quantizer = WeightQuantizer(bits, config.w_per_channel, config.w_symmetric, 0, config.w_learn_scale)
-    quantizer.init_range(weight, search=config.init_search)
-    return quantizer.to(weight.device)
+    """A weight quantizer without a range yet (``initialize_weight_ranges`` or a loaded file sets it)."""
+    return WeightQuantizer(bits, config.w_per_channel, config.w_symmetric, 0, config.w_learn_scale).to(weight.device)
 
 
 def _output_quantizer(config: QuantConfig, bits: int | None) -> ActivationQuantizer | None:
@@ -193,44 +196,68 @@ def _execution_order(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(node.target for node in graph.nodes if node.op == "call_module"))
 
 
-def _check_names(model: nn.Module, names: tuple[str, ...], field: str) -> None:
-    known = dict(model.named_modules())
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        raise ConfigError(
-            f"QuantConfig.{field} names modules {unknown} that the model does not have; "
-            "use names from model.named_modules()."
-        )
-
-
 def _is_skipped(name: str, skip: tuple[str, ...]) -> bool:
     return any(name == prefix or name.startswith(prefix + ".") for prefix in skip)
 
 
-def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
-    """Deep copy of ``model`` with every registered module (outside ``config.skip``) swapped for its quantized
-    class. Weight ranges are initialised; activation quantizers wait for ``calibrate_activations``."""
-    _check_names(model, config.skip, "skip")
-    _check_names(model, config.output_quant_layers, "output_quant_layers")
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _check_patterns(names: Iterable[str], patterns: tuple[str, ...], field: str) -> None:
+    names = list(names)
+    unknown = [pattern for pattern in patterns if not any(fnmatch.fnmatchcase(n, pattern) for n in names)]
+    if unknown:
+        raise ConfigError(f"{field} names modules {unknown} that the model does not have; use module paths of "
+                          "model.named_modules() (wildcards allowed).")
+
+
+def _eight_bit_layers(model: nn.Module, targets: dict[str, nn.Module], producers: set[str],
+                      facts: QuantFacts | None) -> tuple[set[str], set[str]]:
+    """(layers with 8-bit weights, layers with an 8-bit output): the model's declared ones; a model that declares
+    none (a plain ``nn.Sequential``) gets its first and last weighted layers in call order (torch.fx) and the last
+    output quantizer before the last layer."""
+    if facts is not None and facts.declares_eight_bit:
+        _check_patterns(targets, facts.eight_bit_weights, "quant_facts().eight_bit_weights")
+        _check_patterns(targets, facts.eight_bit_outputs, "quant_facts().eight_bit_outputs")
+        return ({n for n in targets if _matches(n, facts.eight_bit_weights)},
+                {n for n in targets if _matches(n, facts.eight_bit_outputs)})
+    order = [name for name in _execution_order(model) if name in targets]
+    weighted = [name for name in order if isinstance(getattr(targets[name], "weight", None), Tensor)]
+    if not weighted:
+        return set(), set()
+    before_last = order[: order.index(weighted[-1])]
+    output = next((name for name in reversed(before_last) if name in producers), None)
+    return {weighted[0], weighted[-1]}, {output} if output is not None else set()
+
+
+def quantize_model(model: nn.Module, config: QuantConfig, init_ranges: bool = True) -> nn.Module:
+    """Deep copy of ``model`` with every registered module (outside the skipped ones) swapped for its quantized
+    class; activation quantizers wait for ``calibrate_activations``.
+
+    The model's ``quant_facts()`` (quant/facts.py) add its output-quantized and skipped layers to the config's and
+    name its 8-bit layers (when ``config.first_last_8bit``). ``init_ranges``: initialise the weight ranges
+    (``initialize_weight_ranges``, the config's range search); off when the ranges come from a file next.
+    """
+    facts = quant_facts(model)
+    skip = (*config.skip, *(facts.skip if facts else ()))
+    output_layers = (*config.output_quant_layers, *(facts.output_quantized if facts else ()))
+    names = [name for name, _ in model.named_modules()]
+    _check_patterns(names, tuple(config.skip), "skip")
+    _check_patterns(names, tuple(config.output_quant_layers), "output_quant_layers")
     quantized = copy.deepcopy(model)
     targets = {
         name: module
         for name, module in quantized.named_modules()
-        if type(module) in QUANT_MODULE_REGISTRY and not _is_skipped(name, config.skip)
+        if type(module) in QUANT_MODULE_REGISTRY and not _is_skipped(name, skip)
     }
-    order = [name for name in _execution_order(quantized) if name in targets]
-    weighted = [name for name in order if isinstance(getattr(targets[name], "weight", None), Tensor)]
     producers = {name for name in targets if not isinstance(getattr(targets[name], "weight", None), Tensor)}
-    producers |= set(config.output_quant_layers)
-    eight_bit_weights: set[str] = set()
-    eight_bit_output: str | None = None
-    if config.first_last_8bit and weighted:
-        eight_bit_weights = {weighted[0], weighted[-1]}
-        before_last = order[: order.index(weighted[-1])]
-        eight_bit_output = next((name for name in reversed(before_last) if name in producers), None)
+    producers |= {name for name in targets if _matches(name, output_layers)}
+    eight_bit_weights, eight_bit_outputs = (_eight_bit_layers(quantized, targets, producers, facts)
+                                            if config.first_last_8bit else (set(), set()))
     for name, module in targets.items():
         weight_bits = 8 if name in eight_bit_weights else config.w_bits
-        output_bits = (8 if name == eight_bit_output else config.a_bits) if name in producers else None
+        output_bits = (8 if name in eight_bit_outputs else config.a_bits) if name in producers else None
         factory = QUANT_MODULE_REGISTRY[type(module)]
         quantized.set_submodule(name, factory.from_float(module, config, weight_bits, output_bits))
     norms = [
@@ -243,7 +270,15 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
             f"BatchNorm layers {norms} are still in the model; fold_batch_norm it before quantizing.",
             stacklevel=2,
         )
+    if init_ranges:
+        initialize_weight_ranges(quantized, config.init_search)
     return quantized
+
+
+def initialize_weight_ranges(model: nn.Module, search: str = "mse") -> None:
+    """Set every weight quantizer's range from its layer's weight (``search``: mse (L2.4) or minmax)."""
+    for _, layer in quant_layers(model):
+        layer.weight_quantizer.init_range(layer.weight, search=search)
 
 
 def _named_instances(model: nn.Module, cls: type) -> Iterator[tuple[str, nn.Module]]:

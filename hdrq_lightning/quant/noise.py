@@ -58,7 +58,7 @@ def residual_histogram(x: Tensor, bins: int = 256, mask: Tensor | None = None) -
     The counts are those of ``torch.histc`` on the masked residuals. On CUDA (power-of-two ``bins``) one Triton
     kernel counts them (quant/kernels.py); elsewhere exact zeros (every element on the grid: after a ReLU, half of a
     tensor) are counted by a reduction and added to the bin of 0 afterwards, as histc's atomic increments
-    serialise on one hot bin (10x slower on a ReLU output on an H100). An opaque op for torch.compile.
+    serialise on one hot bin (much slower on a ReLU output). An opaque op for torch.compile.
     """
     return _residual_histogram(x, bins, mask)
 
@@ -88,8 +88,7 @@ def rounding_residual_noise(
     quantiles = (torch.arange(_QUANTILE_SLOTS, device=x.device, dtype=torch.float32) + 0.5) / _QUANTILE_SLOTS
     table = torch.searchsorted(cumulative / cumulative[-1], quantiles, right=True).clamp_(max=bins - 1)
     # one random integer per element: its top bits pick the slot, its low 24 bits the jitter (torch.rand's
-    # float32 resolution). Compiled on an H100 it costs what randint + rand cost (~205 us per 25.7M elements with
-    # the table gather, against 72 us for a plain elementwise pass): the gather, not the random bits, dominates
+    # float32 resolution): one random draw per element, and the table gather, not the random bits, dominates the cost
     bits = torch.randint(_QUANTILE_SLOTS << _JITTER_BITS, (x.numel(),), device=x.device)
     bin_index = table[bits >> _JITTER_BITS]
     jitter = (bits & ((1 << _JITTER_BITS) - 1)).to(torch.float32) * 2.0**-_JITTER_BITS

@@ -12,6 +12,7 @@ from typing import Any
 
 from hdrq_lightning.errors import ConfigError
 from hdrq_lightning.quant.cache import check_cache_device
+from hdrq_lightning.quant.modules import QuantConfig
 
 PASSES = ("joint", "weights", "activations")
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
@@ -165,6 +166,12 @@ class Recipe:
         for name in ("iters", "act_iters", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"quant.{name} must be a positive integer.")
+
+    def numerics(self) -> QuantConfig:
+        """The model-independent numerics of this recipe (the model adds its own exceptions: quant/facts.py)."""
+        return QuantConfig(w_bits=self.w_bits, a_bits=self.a_bits, w_per_channel=self.weight.per_channel,
+                           w_symmetric=self.weight.symmetric, w_learn_scale=self.weight.learn_scale,
+                           first_last_8bit=self.first_last_8bit, init_search=self.init_search)
 
     @property
     def tag(self) -> str:

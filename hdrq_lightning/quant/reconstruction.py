@@ -18,7 +18,6 @@ graph steps draw the same random numbers.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,12 +29,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hdrq_lightning.errors import ArtifactError, ConfigError
-from hdrq_lightning.quant import compile_ahead
-from hdrq_lightning.quant.blocks import reconstruction_blocks
-from hdrq_lightning.quant.cache import CACHE_NAMES, CacheBudget, UnitCache, allocate, cache_budget_bytes
+from hdrq_lightning.quant.cache import CACHE_NAMES, CacheBudget, UnitCache, cache_budget_bytes
+from hdrq_lightning.quant.facts import reconstruction_units
+from hdrq_lightning.quant.hooks import LossTerm
 from hdrq_lightning.quant.modules import activation_quantizers, calibrate_activations, quant_layers
 from hdrq_lightning.quant.quantizers import batch_uniforms
 from hdrq_lightning.quant.recipe import Recipe, Runtime
+from hdrq_lightning.quant.walker import UnitWalker
 
 log = logging.getLogger("hdrq")
 
@@ -81,32 +81,15 @@ def _trains_activations(pass_name: str) -> bool:
     return pass_name in ("joint", "activations")
 
 
-@dataclass(frozen=True)
-class LossTerm:
-    """An extra loss on the current unit's quantized layers, added to ``ReconstructionModule.loss_terms``.
-
-    ``prepare(named_layers)`` runs outside the compiled step, once per step (graph replays: once per capture), and
-    returns the tensors ``penalty(layers, tensors)`` reads besides the layers, e.g. looked up by layer name;
-    ``penalty`` is traced into the compiled step (fused with the rest of the backward) and sees no names, so that
-    units of the same shape keep sharing one compiled graph. ``penalty`` returns None to add nothing.
-    """
-
-    prepare: Callable[[list[tuple[str, nn.Module]]], list[torch.Tensor | None]]
-    penalty: Callable[[list[nn.Module], list[torch.Tensor | None]], torch.Tensor | None]
-
-
 class ReconstructionModule(L.LightningModule):
     """Block reconstruction of ``quant_model`` towards ``fp_model`` (both BN-folded, same architecture)."""
 
     def __init__(self, fp_model: nn.Module, quant_model: nn.Module, calibration: torch.Tensor, recipe: Recipe,
-                 seed: int = 0, cache_batch_size: int = 256, runtime: Runtime | None = None,
-                 model_factory: tuple[str, dict[str, Any]] | None = None) -> None:
+                 seed: int = 0, cache_batch_size: int = 256, runtime: Runtime | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.recipe = recipe
         self.runtime = runtime or Runtime()
-        # ("module:function", kwargs) building the FP model before folding: lets compile_ahead's worker rebuild it
-        self.model_factory = model_factory
         self._compiled_loss: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
         self.seed = seed
         self.cache_batch_size = cache_batch_size
@@ -121,11 +104,13 @@ class ReconstructionModule(L.LightningModule):
         self._step = 0
         self.register_buffer("adaround_weight", torch.zeros(()), persistent=False)
         self.register_buffer("adaround_beta", torch.zeros(()), persistent=False)
-        self.fp_blocks = [unit for _, unit in reconstruction_blocks(fp_model)]
-        named_units = reconstruction_blocks(quant_model)
+        self.fp_blocks = [unit for _, unit in reconstruction_units(fp_model)]
+        named_units = reconstruction_units(quant_model)
         self.block_names = [name for name, _ in named_units]
         self.quant_blocks = [unit for _, unit in named_units]
         self.block_layers = self._layers_per_block()
+        self.walker = UnitWalker(self.fp_blocks, self.quant_blocks, self.quant_model, cache_batch_size,
+                                 self.runtime.channels_last)
         self.plan = build_plan(recipe, len(self.quant_blocks))
         self.total_iters = sum(phase.iters for phase in self.plan)
         self.loss_terms: dict[str, LossTerm] = {}  # added by callbacks (HDRQ's distance regulariser)
@@ -141,7 +126,6 @@ class ReconstructionModule(L.LightningModule):
         self._scalars: dict[str, float] = {}
         self._lr_values: dict[int, float] = {}  # last value written to each device lr tensor
         self._graph: _StepGraph | None = None
-        self._ahead: compile_ahead.CompileAhead | None = None
         # (world size, rank) when no Trainer drives the engine: the compile-ahead twin of a DDP rank takes its
         # rank's slice of the global batch, so that it compiles that rank's graphs
         self.standalone_world = (1, 0)
@@ -161,6 +145,24 @@ class ReconstructionModule(L.LightningModule):
     def iteration(self) -> int:
         """Global engine iteration (over all units and passes)."""
         return self._step
+
+    def seek(self, iteration: int, enter: bool = False) -> None:
+        """Continue from global ``iteration``: the next step enters that iteration's unit and pass, with caches built
+        from the model as it stands (a compile-ahead twin that needs only the units left; a benchmark timing one
+        unit). ``enter``: build the unit's caches now rather than in the next step (a benchmark times it apart).
+        A resumed run seeks through its checkpoint."""
+        if not 0 <= iteration <= self.total_iters:
+            raise ValueError(f"iteration {iteration} is outside [0, {self.total_iters}]")
+        self._step, self._entered = int(iteration), None
+        if enter:
+            self._cache = None
+            self.walker.forget()
+            self._enter_phase()
+
+    @property
+    def cache(self) -> UnitCache | None:
+        """The current unit's calibration tensors (FP input, quantized input, FP target), once entered."""
+        return self._cache
 
     @property
     def finished(self) -> bool:
@@ -204,52 +206,11 @@ class ReconstructionModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------- caching
     @torch.no_grad()
-    def _run(self, block: nn.Module, inputs: torch.Tensor, budget: CacheBudget, keep: bool
-             ) -> tuple[torch.Tensor, bool]:
-        """``block`` over ``inputs`` in chunks, into a tensor on the device when it fits ``budget`` (else host).
-
-        Returns (output, whether it is on the device). ``keep``: the output is part of the unit's cache and uses
-        up the budget (intermediates of a prefix walk do not).
-        """
-        output, on_device = None, True
-        for start in range(0, len(inputs), self.cache_batch_size):
-            chunk = inputs[start : start + self.cache_batch_size].to(self.device, non_blocking=True)
-            result = block(chunk)
-            if output is None:
-                shape = (len(inputs), *result.shape[1:])
-                on_device = budget.place(math.prod(shape) * result.element_size(), keep)
-                layout = torch.channels_last if self.runtime.channels_last and result.dim() == 4 \
-                    else torch.contiguous_format
-                output = allocate(shape, result.dtype, self.device, on_device, layout)
-            output[start : start + len(result)].copy_(result)
-        return output, on_device
-
-    @torch.no_grad()
     def _prepare_cache(self, phase: Phase) -> UnitCache:
-        was_training = self.quant_model.training
-        self.quant_model.eval()
-        previous, self._cache = self._cache, None
-        budget = CacheBudget(cache_budget_bytes(self.device, self.runtime.cache_device, self.runtime.cache_budget_gib))
-        if previous is not None and previous.pass_name == phase.pass_name and previous.block == phase.block - 1:
-            fp_input, fp_on_device = previous.fp_target, previous.on_device("fp_target")  # carried forward
-            if fp_on_device and self.runtime.cache_budget_gib is not None:
-                # a fixed budget counts it; the automatic one measured free memory with it already allocated
-                budget.left -= fp_input.numel() * fp_input.element_size()
-            quant_input, quant_on_device = self._run(self.quant_blocks[phase.block - 1], previous.quant_input,
-                                                     budget, keep=True)
-        else:
-            fp_input = quant_input = self.calibration  # the first unit reads the calibration images in place
-            fp_on_device = quant_on_device = True
-            for block in range(phase.block):
-                last = block == phase.block - 1
-                fp_input, fp_on_device = self._run(self.fp_blocks[block], fp_input, budget, keep=last)
-                quant_input, quant_on_device = self._run(self.quant_blocks[block], quant_input, budget, keep=last)
-        del previous
-        fp_target, target_on_device = self._run(self.fp_blocks[phase.block], fp_input, budget, keep=True)
-        self.quant_model.train(was_training)
-        placed = {"fp_input": fp_on_device, "quant_input": quant_on_device, "fp_target": target_on_device}
-        self._cache = UnitCache(phase.pass_name, phase.block, fp_input, quant_input, fp_target, self.device,
-                                host=frozenset(name for name, on_device in placed.items() if not on_device))
+        self._cache = None  # the walker keeps the last cache (carried forward, then let go)
+        budget = CacheBudget(cache_budget_bytes(self.device, self.runtime.cache_device, self.runtime.cache_budget_gib),
+                             fixed=self.runtime.cache_budget_gib is not None)
+        self._cache = self.walker.cache(phase.block, phase.pass_name, self.calibration, budget, self.device)
         if self.runtime.compile:
             # the compiled step does not specialise on the calibration size: compile_ahead's worker compiles the
             # same graphs on a small calibration set, and other calibration sizes reuse them
@@ -402,18 +363,8 @@ class ReconstructionModule(L.LightningModule):
         return self._optimizer
 
     def on_train_start(self) -> None:
-        self._stop_compile_ahead()
-        self._ahead = compile_ahead.launch(self)
         if not self.finished:
             self._enter_phase()
-
-    def _stop_compile_ahead(self) -> None:
-        if self._ahead is not None:
-            self._ahead.stop()
-            self._ahead = None
-
-    def teardown(self, stage: str) -> None:
-        self._stop_compile_ahead()  # also when training ended with an exception
 
     def set_lr(self, group: dict[str, Any], lr: float) -> None:
         """Set a param group's learning rate (in place, and only when it changes, for a captured step's device
@@ -676,7 +627,6 @@ class ReconstructionModule(L.LightningModule):
                     param.grad /= self.trainer.world_size
 
     def on_train_end(self) -> None:
-        self._stop_compile_ahead()
         if self.finished:
             self.finalize()
 

@@ -8,6 +8,8 @@ from omegaconf import DictConfig
 from hdrq_lightning.adapt.shot_module import ShotModule
 from hdrq_lightning.artifacts import save_weights
 from hdrq_lightning.evaluation import domain_accuracy
+from hdrq_lightning.models.build import architecture
+from hdrq_lightning.models.io import model_metadata
 from hdrq_lightning.stages.common import (
     build_datamodule,
     build_trainer,
@@ -49,7 +51,8 @@ def adapt_one(cfg: DictConfig, dm, source_weights, target: str) -> dict:
     trainer = build_trainer(cfg, run, "adapt", tags=["adapt", hp.method, target], max_epochs=hp.epochs)
     trainer.fit(module, datamodule=dm, ckpt_path=resume_path(run, f"adapt/{target}"))
     adapted = domain_accuracy(model, dm, target)
-    save_weights(model.state_dict(), run.weights_path, {"format": "fp", "stage": "adapt", "domain": target})
+    save_weights(model.state_dict(), run.weights_path, model_metadata(
+        "fp", architecture(cfg.model, dm.num_classes), stage="adapt", domain=target))
     notice.info("adapt %s -> %s: source-only %.2f%%, adapted %.2f%%", dm.source, target, source_only, adapted)
     return run.finish({"stage": "adapt", "method": hp.method, "source": dm.source, "target": target,
                        "fingerprints": fingerprints(cfg), "source_only_acc": source_only, "adapted_acc": adapted})

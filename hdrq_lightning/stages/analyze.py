@@ -16,7 +16,7 @@ from hdrq_lightning.analysis import (
     plot_loss_surface,
     plot_sample_distribution,
 )
-from hdrq_lightning.artifacts import write_json
+from hdrq_lightning.artifacts import QUANTIZED_FILE, write_json
 from hdrq_lightning.errors import ConfigError
 from hdrq_lightning.evaluation import default_device
 from hdrq_lightning.merge import get_merge_method
@@ -29,13 +29,11 @@ from hdrq_lightning.stages.common import (
     build_datamodule,
     fingerprints,
     load_model,
-    load_model_file,
     notice,
     require_finished,
     stage_run,
     start_fresh_if_forced,
 )
-from hdrq_lightning.stages.quantize import QUANTIZED_FILE
 
 
 class DomainEvaluator:
@@ -104,7 +102,7 @@ def run_analyze(cfg: DictConfig) -> dict:
 
     # Eq. 3: quantized endpoints; the model at lambda is the interpolation re-quantized on the interpolated grid.
     experts = [load_integer_file(r.dir / QUANTIZED_FILE)[0] for r in quant_runs]
-    quant_model = load_model_file(cfg, dm.num_classes, quant_runs[0].dir / QUANTIZED_FILE)
+    quant_model = load_model(cfg, dm.num_classes, quant_runs[0].dir / QUANTIZED_FILE)
     run.prepare(cfg)  # every input read: a failure above leaves no run dir behind
     grid_merge = get_merge_method("quantized", sampling="none", selection="none")
 

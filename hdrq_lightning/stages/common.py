@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -16,28 +14,21 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from safetensors import safe_open
 from torch import nn
 
-from hdrq_lightning.artifacts import (
-    AtomicCheckpointIO,
-    StageRun,
-    fingerprint,
-    load_weights,
-    unreadable_weights,
-)
+from hdrq_lightning.artifacts import AtomicCheckpointIO, StageRun, fingerprint
 from hdrq_lightning.callbacks.progress import StageProgress
 from hdrq_lightning.errors import ArtifactError, ConfigError, HdrqError
-from hdrq_lightning.models.shot import ShotNet, build_shot_net
-from hdrq_lightning.quant.export import load_integer_file, load_integer_state
-from hdrq_lightning.quant.fold import fold_batch_norm
-from hdrq_lightning.quant.modules import QuantConfig, quantize_model
+from hdrq_lightning.models.build import architecture, model_config
+from hdrq_lightning.models.build import build_model as build_from_config
+from hdrq_lightning.models.io import load_model_file
 from hdrq_lightning.stages.settings import DATA_IDENTITY_KEYS, mismatch_message, settings_mismatch
 
 log = logging.getLogger("hdrq")
 # What a user sees on the terminal besides warnings and the progress lines: resumes, skips and results (the CLI's
 # logging config prints this logger's INFO records; every other INFO record goes to the log file only).
 notice = logging.getLogger("hdrq.notice")
+
 
 def stage_run(cfg: DictConfig, stage: str, *keys: str) -> StageRun:
     """``<runs_dir>/<experiment>/<stage>/<keys...>``: stable, so a re-run or a requeued job finds its work."""
@@ -64,34 +55,15 @@ def build_datamodule(cfg: DictConfig):
         raise
 
 
-def model_spec(cfg: DictConfig, num_classes: int) -> tuple[str, dict[str, Any]]:
-    """("module:function", kwargs) that builds the experiment's network with random weights: importable in another
-    process (the compile-ahead worker rebuilds the model from it and loads the weights it is sent)."""
-    m = cfg.model
-    return "hdrq_lightning.models.shot:build_shot_net", {"backbone": m.backbone, "num_classes": num_classes,
-                                                          "bottleneck_dim": m.bottleneck_dim}
+def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
+    """The experiment's network (``cfg.model``, a model plug-in), with its initial weights (random, or a local
+    weight file)."""
+    return build_from_config(model_config(cfg.model, num_classes))
 
 
-def build_model(cfg: DictConfig, num_classes: int) -> ShotNet:
-    _, kwargs = model_spec(cfg, num_classes)
-    return build_shot_net(**kwargs, pretrained=cfg.model.pretrained, checkpoint_path=cfg.model.checkpoint_path)
-
-
-def _load_state(model: nn.Module, state: dict, path: Path) -> None:
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        lines = [line.strip() for line in str(err).strip().splitlines()]
-        detail = lines[1] if len(lines) > 1 else lines[0]
-        raise ArtifactError(f"{path} does not hold weights of the configured model ({detail}); it was made with "
-                            "another model config: use the model settings it was made with, or re-run the stage "
-                            f"that wrote {path.parent} with force=true.") from None
-
-
-def load_model(cfg: DictConfig, num_classes: int, weights: Path) -> ShotNet:
-    model = build_model(cfg, num_classes)
-    _load_state(model, load_weights(weights), Path(weights))
-    return model
+def load_model(cfg: DictConfig, num_classes: int, weights: Path) -> nn.Module:
+    """A model file of an earlier stage (models/io.py), rebuilt from the architecture it records."""
+    return load_model_file(Path(weights), fallback_architecture=architecture(cfg.model, num_classes))
 
 
 def start_fresh_if_forced(cfg: DictConfig, run: StageRun) -> bool:
@@ -197,40 +169,3 @@ def resume_path(run: StageRun, what: str) -> str | None:
     if ckpt is not None:
         notice.info("resuming %s from checkpoint %s", what, ckpt)
     return str(ckpt) if ckpt else None
-
-
-# ----------------------------------------------------------------------------------------------- model files
-# The files a stage leaves, in the order a run dir is searched for "its model".
-MODEL_FILES = ("merged.safetensors", "quantized.safetensors", "model.safetensors")
-
-
-def model_file(run_dir: Path) -> Path:
-    for name in MODEL_FILES:
-        if (run_dir / name).is_file():
-            return run_dir / name
-    raise ArtifactError(f"no model file ({', '.join(MODEL_FILES)}) in {run_dir}; run the stage that writes it "
-                        "first, or point to a finished run dir.")
-
-
-def quantized_metadata(config: QuantConfig, **extra: str) -> dict[str, str]:
-    return {"format": "quantized", "quant_config": json.dumps(asdict(config)), **extra}
-
-
-def load_model_file(cfg: DictConfig, num_classes: int, path: Path) -> nn.Module:
-    """Rebuild the network a weight file describes (FP, BN-folded FP, or integer-quantized), in eval mode."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-    except Exception as error:  # noqa: BLE001 - SafetensorError, OSError: one problem for the user
-        raise unreadable_weights(path, error) from None
-    kind = metadata.get("format", "fp")
-    if kind == "quantized":
-        state, _ = load_integer_file(path)
-        config = QuantConfig(**{**json.loads(metadata["quant_config"]), "init_search": "minmax"})
-        model = quantize_model(fold_batch_norm(build_model(cfg, num_classes)), config)
-        return load_integer_state(model, state).eval()
-    model = build_model(cfg, num_classes)
-    if kind == "fp_folded":
-        model = fold_batch_norm(model)
-    _load_state(model, load_weights(path), path)
-    return model.eval()

@@ -9,12 +9,12 @@ from omegaconf import DictConfig
 
 from hdrq_lightning.errors import ConfigError
 from hdrq_lightning.evaluation import evaluate_domains
+from hdrq_lightning.models.io import model_file
 from hdrq_lightning.report import wandb_run
 from hdrq_lightning.stages.common import (
     build_datamodule,
     fingerprints,
-    load_model_file,
-    model_file,
+    load_model,
     notice,
     stage_run,
     start_fresh_if_forced,
@@ -73,7 +73,7 @@ def evaluate_run(cfg: DictConfig, *parts: str) -> dict:
         run.clear()
     if not start_fresh_if_forced(cfg, run):
         return run.metrics()
-    model = load_model_file(cfg, dm.num_classes, weights)
+    model = load_model(cfg, dm.num_classes, weights)
     run.prepare(cfg)
     result = evaluate_domains(model, dm, list(dm.targets))
     notice.info("evaluate %s: %s, harmonic mean %.2f%%", "/".join(parts), result["per_domain"], result["hmean"])

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from hdrq_lightning.artifacts import save_weights
+from hdrq_lightning.artifacts import MERGED_FILE, QUANTIZED_FILE, save_weights
 from hdrq_lightning.errors import ArtifactError, ConfigError
 from hdrq_lightning.merge import MERGE_METHODS, get_merge_method
+from hdrq_lightning.models.build import architecture
+from hdrq_lightning.models.io import model_metadata
 from hdrq_lightning.quant.export import load_integer_file, save_integer_state
 from hdrq_lightning.quant.fold import fold_batch_norm
 from hdrq_lightning.quant.recipe import Recipe
@@ -19,9 +21,6 @@ from hdrq_lightning.stages.common import (
     stage_run,
     start_fresh_if_forced,
 )
-from hdrq_lightning.stages.quantize import QUANTIZED_FILE
-
-MERGED_FILE = "merged.safetensors"
 
 
 def merge_key(cfg: DictConfig) -> str:
@@ -88,7 +87,8 @@ def run_merge(cfg: DictConfig) -> dict:
             experts.append(fold_batch_norm(load_model(cfg, dm.num_classes, expert_run.weights_path)).state_dict())
         merged = method.merge(experts, base=source if method.needs_base else None)
         run.prepare(cfg)
-        save_weights(merged, run.dir / MERGED_FILE, {"format": "fp_folded", "merge_method": cfg.merge.method})
+        save_weights(merged, run.dir / MERGED_FILE, model_metadata(
+            "fp_folded", architecture(cfg.model, dm.num_classes), merge_method=cfg.merge.method))
     notice.info("merge %s: %s of %d experts -> %s", run.dir.name, cfg.merge.method, len(dm.targets), run.dir)
     return run.finish({"stage": "merge", "experts": cfg.merge.experts, "method": cfg.merge.method,
                        "params": params, "targets": list(dm.targets), "fingerprints": fingerprints(cfg)})

@@ -9,15 +9,19 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from hdrq_lightning.callbacks import CosineWarmup, DistanceRegularizer, NoiseToFakeQuantSwitch
+from hdrq_lightning.artifacts import QUANTIZED_FILE
+from hdrq_lightning.callbacks import engine_callbacks
+from hdrq_lightning.callbacks.compile_ahead import CompileAheadCallback
 from hdrq_lightning.callbacks.progress import StageProgress
 from hdrq_lightning.callbacks.wall_clock import WallClock
 from hdrq_lightning.evaluation import domain_accuracy
 from hdrq_lightning.gpus import data_parallel
+from hdrq_lightning.models.build import architecture
+from hdrq_lightning.models.io import model_metadata, save_model_file
 from hdrq_lightning.quant.distributed import reconstruction_trainer_arguments
-from hdrq_lightning.quant.export import export_integer_state, save_integer_state
+from hdrq_lightning.quant.export import export_integer_state
 from hdrq_lightning.quant.fold import fold_batch_norm
-from hdrq_lightning.quant.modules import QuantConfig, quantize_model
+from hdrq_lightning.quant.modules import quantize_model
 from hdrq_lightning.quant.recipe import Recipe, Runtime
 from hdrq_lightning.quant.reconstruction import ReconstructionModule
 from hdrq_lightning.report import wandb_run
@@ -26,25 +30,12 @@ from hdrq_lightning.stages.common import (
     build_trainer,
     fingerprints,
     load_model,
-    model_spec,
     notice,
-    quantized_metadata,
     require_finished,
     resume_path,
     stage_run,
     start_fresh_if_forced,
 )
-
-QUANTIZED_FILE = "quantized.safetensors"
-# Layers of the SHOT head whose output feeds another quantized layer without a ReLU in between.
-OUTPUT_QUANTIZED_LAYERS = ("bottleneck",)
-
-
-def quant_config(recipe: Recipe) -> QuantConfig:
-    return QuantConfig(w_bits=recipe.w_bits, a_bits=recipe.a_bits, w_per_channel=recipe.weight.per_channel,
-                       w_symmetric=recipe.weight.symmetric, w_learn_scale=recipe.weight.learn_scale,
-                       first_last_8bit=recipe.first_last_8bit, output_quant_layers=OUTPUT_QUANTIZED_LAYERS,
-                       init_search=recipe.init_search)
 
 
 def run_quantize(cfg: DictConfig) -> dict:
@@ -69,22 +60,18 @@ def quantize_one(cfg: DictConfig, dm, recipe: Recipe, source_folded: torch.nn.Mo
     started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     fp_model = fold_batch_norm(load_model(cfg, dm.num_classes, expert_weights))
-    quant_model = quantize_model(fp_model, quant_config(recipe))
+    quant_model = quantize_model(fp_model, recipe.numerics())
     run.prepare(cfg)
     calibration = torch.cat([images for images, _, _ in dm.calibration_loader(
         target, size=cfg.quant.calibration_size, batch_size=recipe.batch_size)])
     runtime = Runtime.from_config(cfg.quant.get("runtime"))
     if runtime.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    module = ReconstructionModule(fp_model, quant_model, calibration, recipe, seed=cfg.seed, runtime=runtime,
-                                  model_factory=model_spec(cfg, dm.num_classes))
+    module = ReconstructionModule(fp_model, quant_model, calibration, recipe, seed=cfg.seed, runtime=runtime)
     clock = WallClock(started)
-    callbacks = [CosineWarmup(recipe.warmup_fraction), clock]
-    if recipe.noise.enabled:
-        callbacks.append(NoiseToFakeQuantSwitch(recipe.noise))
-    if recipe.distance_weight > 0:
-        source_weights = {k: v for k, v in source_folded.state_dict().items() if k.endswith("weight")}
-        callbacks.append(DistanceRegularizer(source_weights, recipe.distance_weight))
+    source_weights = {k: v for k, v in source_folded.state_dict().items() if k.endswith("weight")}
+    callbacks = [*engine_callbacks(recipe, source_weights), clock,
+                 CompileAheadCallback(architecture(cfg.model, dm.num_classes))]
     progress = StageProgress(f"quantize {recipe.tag}/{target}", total=lambda trainer, engine: engine.total_iters,
                              describe=lambda engine: engine.progress())
     trainer = build_trainer(cfg, run, "quantize", tags=[recipe.method, f"w{recipe.w_bits}a{recipe.a_bits}", target],
@@ -97,8 +84,9 @@ def quantize_one(cfg: DictConfig, dm, recipe: Recipe, source_folded: torch.nn.Mo
     module.finalize()
     fp_acc = domain_accuracy(fp_model, dm, target)
     quant_acc = domain_accuracy(quant_model, dm, target)
-    save_integer_state(export_integer_state(quant_model.cpu()), run.dir / QUANTIZED_FILE,
-                       metadata=quantized_metadata(quant_config(recipe), method=recipe.method, target=target))
+    save_model_file(export_integer_state(quant_model.cpu()), run.dir / QUANTIZED_FILE, model_metadata(
+        "quantized", architecture(cfg.model, dm.num_classes), recipe.numerics(), method=recipe.method,
+        target=target))
     seconds = round(clock.total_seconds(), 2)
     wandb = wandb_run(cfg, run.dir, "quantize", f"quantize/{recipe.tag}/{target}",
                       [recipe.method, f"w{recipe.w_bits}a{recipe.a_bits}", target])  # the Trainer's run, continued

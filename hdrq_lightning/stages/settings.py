@@ -77,12 +77,20 @@ def differing_settings(recorded: Mapping[str, Any], current: Mapping[str, Any]) 
             for key in sorted(set(recorded) | set(current)) if recorded.get(key, missing) != current.get(key, missing)]
 
 
+# Keys added to the config after runs were recorded without them, with the value those runs implicitly had.
+LEGACY_DEFAULTS = {"model._target_": "hdrq_lightning.models.shot.build_shot_net"}
+
+
 def settings_mismatch(run: StageRun, cfg: DictConfig, stage: str) -> list[str]:
     """The differing settings between the run dir's recorded config and ``cfg`` ([] when equal or unrecorded)."""
     recorded = recorded_config(run)
     if recorded is None:
         return []
-    return differing_settings(stage_settings(recorded, stage), stage_settings(cfg, stage))
+    before = stage_settings(recorded, stage)
+    for key, value in LEGACY_DEFAULTS.items():
+        if any(k.startswith(key.split(".")[0] + ".") for k in before):
+            before.setdefault(key, value)
+    return differing_settings(before, stage_settings(cfg, stage))
 
 
 def mismatch_message(run: StageRun, differences: list[str], remedy: str) -> str:

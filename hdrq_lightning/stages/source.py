@@ -10,6 +10,8 @@ from omegaconf import DictConfig
 from hdrq_lightning.adapt.source_module import SourceModule
 from hdrq_lightning.artifacts import save_weights
 from hdrq_lightning.evaluation import evaluate_domains
+from hdrq_lightning.models.build import architecture
+from hdrq_lightning.models.io import model_metadata
 from hdrq_lightning.stages.common import (
     build_datamodule,
     build_model,
@@ -42,7 +44,8 @@ def run_source(cfg: DictConfig) -> dict:
     # SHOT keeps the best epoch on the held-out 10% of the source domain.
     state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    save_weights(model.state_dict(), run.weights_path, {"format": "fp", "stage": "source", "domain": dm.source})
+    save_weights(model.state_dict(), run.weights_path, model_metadata(
+        "fp", architecture(cfg.model, dm.num_classes), stage="source", domain=dm.source))
     metrics = {
         "stage": "source", "domain": dm.source, "fingerprints": fingerprints(cfg),
         "best_val_acc": round(100.0 * float(best.best_model_score), 4),

@@ -1,24 +1,25 @@
 """Compile the fast path's step graphs ahead of the engine, in a worker process (``quant.runtime.compile_ahead``).
 
-A cold ``torch.compile`` of a ResNet-50 reconstruction spends about 2.5 minutes in Inductor's code generation and
-Triton's kernel compiler (40 graphs: 10 unit shapes x 2 quantization modes x forward and backward), and each unit
-waits for its own graphs. What is compiled depends on the architecture, the recipe's quantizer settings, the
+``CompileAheadCallback``, added to the quantize stage's Trainer, starts the worker when the engine starts training
+and stops it when training ends. A cold ``torch.compile`` of a reconstruction spends minutes in Inductor's code
+generation and Triton's kernel compiler (a ResNet-50: 10 unit shapes x 2 quantization modes x forward and
+backward), and each unit waits for its own graphs. What is compiled depends on the architecture, the recipe's quantizer settings, the
 runtime and the tensor shapes, not on the weights or the data (the caches' calibration dimension is dynamic). So
 when the engine starts training, a worker process builds the same engine on a few random calibration images, runs
 two steps per unit (one per side of HDRQ's noise switch) and leaves the compiled code in the on-disk caches of
 Inductor (FX graphs, AOT-autograd graphs, Triton kernels). When the engine reaches a unit, its compile is a cache
-hit: dynamo tracing and loading, about a second per graph. A unit's graphs compile in about 15 s and the unit then
-trains for 20-40 s, so after the first unit the worker stays ahead.
+hit (dynamo tracing and loading); at the paper's 20,000 iterations per unit the worker stays ahead after the first
+unit (bench/results/ has the measurements).
 
 The worker skips what the engine compiles itself as it starts: the current unit's graph in its current mode. With
 HDRQ's noise it begins with the current unit's fake-quant graph (needed at the noise switch, 3,500 iterations
 before the unit's end), otherwise with the next unit.
 
 Best effort: a worker that fails or falls behind costs only CPU time (the engine compiles what it does not find in
-the cache), and it is stopped when the engine's training ends. Started only on CUDA, with ``compile`` on, for an
-engine given a ``model_factory``: the import path of a function and its keyword arguments that build the FP model
-before BN folding (modules do not pickle in general; weight-normed layers never do). The worker builds, folds and
-quantizes it as the quantize stage does and loads the engine's state dicts. Under DDP every rank starts its own
+the cache), and it is stopped when the engine's training ends. Started only on CUDA, with ``compile`` on; the
+callback is given the model's architecture config (models/build.py: modules do not pickle in general,
+weight-normed layers never do). The worker builds, folds and quantizes it as the quantize stage does and loads the
+engine's state dicts. Under DDP every rank starts its own
 worker on its own GPU as that rank (its slice of the global batch): the ranks' graphs differ in their batch slice,
 and Inductor's cache keys carry the device index. Loss terms added by callbacks (the distance regulariser) are
 sent to the worker; they must pickle, or the worker is not started. A worker that starts with the engine stays
@@ -28,16 +29,18 @@ behind it while units train only for seconds (the digits benchmark): it pays off
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 
 log = logging.getLogger("hdrq")
 
@@ -72,11 +75,12 @@ def ahead_start(engine: Any) -> tuple[int, int] | None:
     return (index + 1, 0) if index + 1 < len(engine.plan) else None
 
 
-def write_payload(engine: Any, path: Path, start: tuple[int, int]) -> None:
-    """What the worker needs to build the engine's twin: models, recipe, runtime, loss terms, the rank it
-    stands for, where to start ((phase index, iteration of the twin's phase): ``ahead_start``)."""
+def write_payload(engine: Any, path: Path, start: tuple[int, int], model_config: Mapping[str, Any]) -> None:
+    """What the worker needs to build the engine's twin: the architecture (``model_config``), models' states,
+    recipe, runtime, loss terms, the rank it stands for, where to start ((phase index, iteration of the twin's
+    phase): ``ahead_start``)."""
     calibration = engine.calibration
-    torch.save({"factory": engine.model_factory, "fp_state": engine.fp_model.state_dict(),
+    torch.save({"model_config": dict(model_config), "fp_state": engine.fp_model.state_dict(),
                 "quant_state": engine.quant_model.state_dict(), "recipe": engine.recipe,
                 "runtime": engine.runtime, "loss_terms": dict(engine.loss_terms), "seed": engine.seed,
                 "image_shape": tuple(calibration.shape[1:]), "dtype": calibration.dtype,
@@ -105,21 +109,19 @@ def build_twin(path: Path, device: str, remove_payload: bool = False) -> Any:
 
     ``remove_payload``: delete the payload once read (the worker process does: no copy of the models is left
     in the temp directory if the engine's process is killed)."""
-    # imported here: the callbacks import the engine, which imports this module
-    from hdrq_lightning.callbacks import NoiseToFakeQuantSwitch
+    from hdrq_lightning.callbacks import engine_callbacks
+    from hdrq_lightning.models.build import build_model
     from hdrq_lightning.quant.fold import fold_batch_norm
     from hdrq_lightning.quant.modules import quantize_model
     from hdrq_lightning.quant.reconstruction import ReconstructionModule
-    from hdrq_lightning.stages.quantize import quant_config
 
     payload = torch.load(path, map_location=device, weights_only=False)
     if remove_payload:
         path.unlink()
     apply_precision_settings(payload["precision"])
-    module_name, _, function = payload["factory"][0].partition(":")
-    fp_model = fold_batch_norm(getattr(importlib.import_module(module_name), function)(**payload["factory"][1]).eval())
+    fp_model = fold_batch_norm(build_model(payload["model_config"]).eval())
     fp_model.load_state_dict(payload["fp_state"])
-    quant_model = quantize_model(fp_model, quant_config(payload["recipe"]))
+    quant_model = quantize_model(fp_model, payload["recipe"].numerics(), init_ranges=False)
     quant_model.load_state_dict(payload["quant_state"])
     recipe = ahead_recipe(payload["recipe"])
     # two batches of images: enough to draw from, and the caches' first dimension is not specialised on
@@ -129,9 +131,10 @@ def build_twin(path: Path, device: str, remove_payload: bool = False) -> Any:
                                   seed=payload["seed"], runtime=ahead_runtime(payload["runtime"])).to(device)
     engine.loss_terms.update(payload["loss_terms"])
     engine.standalone_world = payload["world"]  # a DDP rank's twin compiles that rank's slice of the batch
-    NoiseToFakeQuantSwitch(recipe.noise).attach(engine)
+    for callback in engine_callbacks(recipe):  # the step hooks; the loss terms came with the payload
+        callback.attach(engine)
     phase, iteration = payload["start"]
-    engine._step = engine.plan[phase].start + iteration  # a resumed engine needs only the units it has left
+    engine.seek(engine.plan[phase].start + iteration)  # a resumed engine needs only the units it has left
     engine.start()
     return engine
 
@@ -181,20 +184,20 @@ class CompileAhead:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def launch(engine: Any) -> CompileAhead | None:
+def launch(engine: Any, model_config: Mapping[str, Any] | None) -> CompileAhead | None:
     """Start the worker for ``engine`` (at the start of its training), or None where it does not apply."""
     runtime = engine.runtime
     if not (runtime.compile and runtime.compile_ahead and engine.device.type == "cuda"):
         return None
-    if engine.model_factory is None:
-        log.info("no compile-ahead worker: the engine was given no model_factory to rebuild its model from")
+    if model_config is None:
+        log.info("no compile-ahead worker: no model config to rebuild the engine's model from")
         return None
     start = ahead_start(engine)
     if start is None:
         return None
     folder = Path(tempfile.mkdtemp(prefix="hdrq-compile-ahead-"))
     try:
-        write_payload(engine, folder / PAYLOAD, start)
+        write_payload(engine, folder / PAYLOAD, start, model_config)
     except Exception as error:  # e.g. a loss term that does not pickle: run without the worker
         log.warning("compile-ahead worker not started (%s: %s); the engine compiles each unit itself",
                     type(error).__name__, error)
@@ -207,6 +210,34 @@ def launch(engine: Any) -> CompileAhead | None:
     log.info("compile-ahead worker %d compiles the remaining units' step graphs on %s (rank %d of %d)",
              process.pid, device, engine.world()[1], engine.world()[0])
     return CompileAhead(process, folder)
+
+
+class CompileAheadCallback(Callback):
+    """Runs the compile-ahead worker alongside the engine's training (``launch`` / ``CompileAhead.stop``).
+
+    Added by the quantize stage; ``model_config`` is the architecture the worker rebuilds (models/build.py).
+    Callbacks run before the module's own hooks, so the worker starts from the engine's position before it enters
+    its first unit, as ``ahead_start`` expects.
+    """
+
+    def __init__(self, model_config: Mapping[str, Any] | None) -> None:
+        self.model_config = None if model_config is None else dict(model_config)
+        self._worker: CompileAhead | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._stop()
+        self._worker = launch(pl_module, self.model_config)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._stop()
+
+    def teardown(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        self._stop()  # also when training ended with an exception
+
+    def _stop(self) -> None:
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
 
 
 if __name__ == "__main__":
