@@ -79,6 +79,7 @@ def route_library_logs() -> None:
     # eval-mode modules (the FP model and the quantized model outside the current unit stay in eval mode)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    warnings.filterwarnings("ignore", message=r"The '\w+_dataloader' does not have many workers")
 
 
 def _task(cfg: DictConfig) -> None:

@@ -102,7 +102,7 @@ def run_analyze(cfg: DictConfig) -> dict:
 
     # Eq. 3: quantized endpoints; the model at lambda is the interpolation re-quantized on the interpolated grid.
     experts = [load_integer_file(r.dir / QUANTIZED_FILE)[0] for r in quant_runs]
-    quant_model = load_model(cfg, dm.num_classes, quant_runs[0].dir / QUANTIZED_FILE)
+    quant_model = load_model(cfg, dm.num_classes, quant_runs[0].dir / QUANTIZED_FILE, train=False)
     run.prepare(cfg)  # every input read: a failure above leaves no run dir behind
     grid_merge = get_merge_method("quantized", sampling="none", selection="none")
 

@@ -61,9 +61,11 @@ def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
     return build_from_config(model_config(cfg.model, num_classes))
 
 
-def load_model(cfg: DictConfig, num_classes: int, weights: Path) -> nn.Module:
-    """A model file of an earlier stage (models/io.py), rebuilt from the architecture it records."""
-    return load_model_file(Path(weights), fallback_architecture=architecture(cfg.model, num_classes))
+def load_model(cfg: DictConfig, num_classes: int, weights: Path, train: bool = True) -> nn.Module:
+    """A model file of an earlier stage (models/io.py), rebuilt from the architecture it records, in training mode
+    as a freshly built model is (Lightning keeps the modes it finds: adaptation must see BatchNorm in training
+    mode), or in eval mode (``train=False``) for inference."""
+    return load_model_file(Path(weights), fallback_architecture=architecture(cfg.model, num_classes)).train(train)
 
 
 def start_fresh_if_forced(cfg: DictConfig, run: StageRun) -> bool:

@@ -73,7 +73,7 @@ def evaluate_run(cfg: DictConfig, *parts: str) -> dict:
         run.clear()
     if not start_fresh_if_forced(cfg, run):
         return run.metrics()
-    model = load_model(cfg, dm.num_classes, weights)
+    model = load_model(cfg, dm.num_classes, weights, train=False)
     run.prepare(cfg)
     result = evaluate_domains(model, dm, list(dm.targets))
     notice.info("evaluate %s: %s, harmonic mean %.2f%%", "/".join(parts), result["per_domain"], result["hmean"])
