@@ -40,7 +40,8 @@ def run_path(name: str, overrides: list[str], sweep: list[str], experiment_runs:
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
-    output = done.stdout + done.stderr
+    # the compile-ahead lines go to the runs' log files, not to the terminal
+    output = done.stdout + done.stderr + "".join(log.read_text(errors="replace") for log in runs_dir.rglob("*.log"))
     if done.returncode:
         sys.exit(f"the {name} path failed (exit {done.returncode}):\n{output[-4000:]}")
     experts = [json.loads(path.read_text()) for path in

@@ -221,3 +221,25 @@ def test_a_toy_model_plugin_runs_through_quantize_merge_and_evaluate(compose_cfg
     assert isinstance(merged, TwoUnitMLP)
     weights, _ = _bits(merged)
     assert weights == {"body.1": 4, "classifier": 8}
+
+
+def test_a_model_loaded_for_training_is_in_training_mode_and_for_inference_in_eval(compose_cfg, tmp_path):
+    """Lightning keeps the modes it finds: a stage that trains on a loaded model (SHOT adaptation updates the
+    BatchNorm statistics) must get it in training mode, as a freshly built model is."""
+    from hdrq_lightning.stages.common import build_model as build_stage_model
+    from hdrq_lightning.stages.common import load_model
+
+    cfg = compose_cfg("adapt")
+    model = build_stage_model(cfg, 10)
+    path = save_weights(model.state_dict(), tmp_path / "model.safetensors",
+                        model_metadata("fp", {k: v for k, v in model_config_of(cfg).items()}))
+    trained = load_model(cfg, 10, path)
+    assert trained.training and all(m.training for m in trained.modules())
+    inferred = load_model(cfg, 10, path, train=False)
+    assert not any(m.training for m in inferred.modules())
+
+
+def model_config_of(cfg):
+    from hdrq_lightning.models.build import architecture
+
+    return architecture(cfg.model, 10)
