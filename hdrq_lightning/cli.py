@@ -47,8 +47,9 @@ def config_dir() -> Path:
     """conf/ of the checkout this package runs from (or $HDRQ_CONFIG_DIR)."""
     path = Path(os.environ.get("HDRQ_CONFIG_DIR", Path(__file__).resolve().parent.parent / "conf"))
     if not (path / "config.yaml").is_file():
-        raise SystemExit(f"hdrq: no config.yaml in {path}; install the package editable from its checkout "
-                         "(pip install -e .) or set HDRQ_CONFIG_DIR to the repository's conf/ folder.")
+        print(f"hdrq: no config.yaml in {path}; install the package editable from its checkout (pip install -e .) "
+              "or set HDRQ_CONFIG_DIR to the repository's conf/ folder.", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
     return path
 
 
@@ -82,14 +83,22 @@ def route_library_logs() -> None:
     warnings.filterwarnings("ignore", message=r"The '\w+_dataloader' does not have many workers")
 
 
+# Exit codes: 2 for a usage or configuration error (ours, or Hydra's when it cannot compose the config), 1 for a
+# crash (a traceback), 0 for success.
+USAGE_ERROR = 2
+_task_started = False
+
+
 def _task(cfg: DictConfig) -> None:
+    global _task_started
+    _task_started = True
     route_library_logs()
     try:
         run_stage(cfg)
     except HdrqError as err:
         message = textwrap.fill(f"hdrq {cfg.stage}: {err}", width=100)
         print(f"\nerror: {message}\n", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(USAGE_ERROR)
 
 
 # Hydra flags that take a value (argparse wants every flag before the overrides, which are one positional list)
@@ -128,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         stage, overrides = named[-1], [arg for arg in argv if not arg.startswith("stage=")]
     if stage not in STAGES:
         print(f"hdrq: unknown stage '{stage}'.\n\n" + USAGE.format(stages=stages), file=sys.stderr)
-        sys.exit(2)
+        sys.exit(USAGE_ERROR)
     import hydra
 
     logging.getLogger("hdrq").setLevel(logging.INFO)
@@ -136,7 +145,14 @@ def main(argv: list[str] | None = None) -> None:
     # argv[0] stays the program that was run: Lightning's DDP launcher starts the other ranks with
     # `python <argv[0]> <argv[1:]>` (or `python -m <module> <argv[1:]>`), which must come back here
     sys.argv = [sys.argv[0], *flags, *overrides, f"stage={stage}"]
-    hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(_task)()
+    try:
+        hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(_task)()
+    except SystemExit as exit_:
+        # Hydra exits 1 when it cannot parse an override or compose the config (an unknown group option, a typo'd
+        # key): that is a usage error, like ours; a failure once the stage ran keeps its own code
+        if exit_.code == 1 and not _task_started:
+            sys.exit(USAGE_ERROR)
+        raise
 
 
 if __name__ == "__main__":

@@ -131,6 +131,7 @@ def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     (("source", "model.checkpoint_path=/nonexistent/weights.safetensors"), "/nonexistent/weights.safetensors"),
     (("merge", "quant=qdrop"), "run `hdrq quantize` first"),
     (("evaluate", "evaluate.run=.."), "evaluate.run='..'"),
+    (("quantize", "quant=nonexistent"), "quant/nonexistent"),  # Hydra's own config error: the same exit code
 ])
 def test_bad_input_is_one_paragraph_and_leaves_no_run_dir(tmp_path, args, words):
     result = _cli(tmp_path, *args)
