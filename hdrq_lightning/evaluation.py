@@ -1,11 +1,13 @@
-"""Plain evaluation loops (no Trainer): per-domain accuracy and their harmonic mean."""
+"""Plain evaluation loops (no Trainer) driven by a task object (tasks/): per-domain scores and their harmonic mean,
+and a fixed-batch evaluator of loss and score for the analysis."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from hdrq_lightning.metrics import MultiDomainAccuracy
+from hdrq_lightning.metrics import harmonic_mean
+from hdrq_lightning.tasks import ClassificationTask
 
 
 def default_device() -> torch.device:
@@ -13,19 +15,21 @@ def default_device() -> torch.device:
 
 
 @torch.no_grad()
-def evaluate_domains(model: nn.Module, dm, domains: list[str], device: torch.device | None = None) -> dict:
-    """{"per_domain": {domain: acc %}, "hmean": %, "mean": %} on each domain's test split.
+def evaluate_domains(model: nn.Module, dm, domains: list[str], device: torch.device | None = None,
+                     task=None) -> dict:
+    """{"per_domain": {domain: score %}, "hmean": %, "mean": %} on each domain's test split (the task's metric,
+    default: classification accuracy).
 
     The model is evaluated in eval mode; its train/eval mode is restored afterwards.
     """
+    task = task or ClassificationTask()
     device = device or default_device()
     was_training = model.training
     model.eval().to(device)
-    # this process sees every test image: no sync with the others (after a DDP run only rank 0 evaluates)
-    metric = MultiDomainAccuracy(domains, sync_on_compute=False).to(device)
+    metric = task.metric(domains).to(device)
     for index, domain in enumerate(domains):
         for images, labels, _ in dm.loader(domain, "test"):
-            metric.update(model(images.to(device)), labels.to(device), index)
+            metric.update(task.predict(model, images.to(device)), labels.to(device), index)
     model.train(was_training)
     result = metric.compute()
     per_domain = result["per_domain"].reshape(-1)  # torchmetrics squeezes a one-domain result to 0-d
@@ -33,6 +37,39 @@ def evaluate_domains(model: nn.Module, dm, domains: list[str], device: torch.dev
             "hmean": round(float(result["hmean"]), 4), "mean": round(float(result["mean"]), 4)}
 
 
-def domain_accuracy(model: nn.Module, dm, domain: str) -> float:
-    """Top-1 accuracy (%) on one domain's test split."""
-    return evaluate_domains(model, dm, [domain])["per_domain"][domain]
+def domain_accuracy(model: nn.Module, dm, domain: str, task=None) -> float:
+    """The task's score (%) on one domain's test split (classification: top-1 accuracy)."""
+    return evaluate_domains(model, dm, [domain], task=task)["per_domain"][domain]
+
+
+class DomainEvaluator:
+    """The task's loss and score of a model on fixed test batches of a few domains (loaded once): the analysis
+    evaluates hundreds of models (interpolation paths, loss surfaces, noise samples) on the same images."""
+
+    def __init__(self, dm, domains: list[str], max_images: int | None, device: torch.device, task=None) -> None:
+        self.device, self.task = device, task or ClassificationTask()
+        self.batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for domain in domains:
+            batches, seen = [], 0
+            for images, labels, _ in dm.loader(domain, "test"):
+                if max_images is not None and seen >= max_images:
+                    break
+                batches.append((images.to(device), labels.to(device)))
+                seen += len(labels)
+            self.batches[domain] = batches
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> tuple[float, float]:
+        """(mean over domains of the loss per sample, harmonic mean over domains of the score in %)."""
+        model.eval().to(self.device)
+        losses, scores = [], []
+        for batches in self.batches.values():
+            total, loss, correct = 0, 0.0, 0
+            for images, labels in batches:
+                logits = self.task.predict(model, images)
+                loss += self.task.loss(logits, labels, reduction="sum").item()
+                hit, count = self.task.hits(logits, labels)
+                correct, total = correct + hit, total + count
+            losses.append(loss / total)
+            scores.append(100.0 * correct / total)
+        return sum(losses) / len(losses), harmonic_mean(scores)

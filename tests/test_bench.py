@@ -66,3 +66,10 @@ def test_full_run_data_parallel_writes_one_file_per_rank(tmp_path):
     ranks = [json.loads((tmp_path / f"full_run_resnet_tiny_qdrop_eager_rank{r}.json").read_text()) for r in (0, 1)]
     assert [(r["rank"], r["world"]) for r in ranks] == [(0, 2), (1, 2)]
     assert [u["unit"] for u in ranks[0]["units"]] == [u["unit"] for u in ranks[1]["units"]]
+
+
+def test_noise_fidelity_check_runs_and_holds_on_the_cpu(tmp_path):
+    run_bench("noise_fidelity.py", "--device", "cpu", "--elements", "300000", "--no-compile", "--out", str(tmp_path))
+    (eager,) = json.loads((tmp_path / "noise_fidelity_cpu.json").read_text())["forms"]
+    assert eager["zeros_kept"] and eager["ks_vs_rounding_error"] < 0.02 and eager["ks_vs_mirror"] > 0.5
+    assert abs(eager["noise_mean"] - eager["rounding_error_mean"]) < 0.005

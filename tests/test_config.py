@@ -130,3 +130,11 @@ def test_hydra_flags_go_before_the_overrides():
     assert split_hydra_flags(["quant=qdrop", "-m", "--cfg", "job", "seed=1"]) == (
         ["-m", "--cfg", "job"], ["quant=qdrop", "seed=1"])
     assert split_hydra_flags(["--info", "quant.w_bits=3"]) == (["--info"], ["quant.w_bits=3"])
+
+
+@pytest.mark.parametrize("task", options("task"))
+def test_task_groups_build(compose_cfg, task):
+    from hydra.utils import instantiate
+
+    built = instantiate(compose_cfg("evaluate", f"task={task}").task)
+    assert built.metric_name and callable(built.metric) and callable(built.loss)

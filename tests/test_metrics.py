@@ -144,3 +144,22 @@ def test_metrics_synchronise_across_two_processes(tmp_path: Path) -> None:
         for metric_name, values in single.items():
             for key, value in values.items():
                 torch.testing.assert_close(distributed[metric_name][key], value, equal_nan=True)
+
+
+def test_classification_task_scores_and_loss_against_a_loop():
+    """The task object's metric, hits and summed loss equal a plain loop over the samples."""
+    from hdrq_lightning.tasks import ClassificationTask
+
+    task = ClassificationTask()
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(50, 4, generator=g), torch.randint(0, 4, (50,), generator=g)
+    metric = task.metric(["a", "b"])
+    metric.update(logits[:20], labels[:20], 0)
+    metric.update(logits[20:], labels[20:], 1)
+    result = metric.compute()
+    for domain, rows in ((0, range(20)), (1, range(20, 50))):
+        correct = sum(int(logits[i].argmax()) == int(labels[i]) for i in rows)
+        assert abs(float(result["per_domain"][domain]) - 100.0 * correct / len(rows)) < 1e-4
+    assert task.hits(logits, labels) == (sum(int(logits[i].argmax()) == int(labels[i]) for i in range(50)), 50)
+    expected = sum(-math.log(float(torch.softmax(logits[i], 0)[labels[i]])) for i in range(50))
+    assert abs(task.loss(logits, labels, reduction="sum").item() - expected) < 1e-3

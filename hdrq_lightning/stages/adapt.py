@@ -12,6 +12,7 @@ from hdrq_lightning.models.build import architecture
 from hdrq_lightning.models.io import model_metadata
 from hdrq_lightning.stages.common import (
     build_datamodule,
+    build_task,
     build_trainer,
     fingerprints,
     load_model,
@@ -40,7 +41,8 @@ def adapt_one(cfg: DictConfig, dm, source_weights, target: str) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = load_model(cfg, dm.num_classes, source_weights)
     run.prepare(cfg)
-    source_only = domain_accuracy(model, dm, target)
+    task = build_task(cfg)
+    source_only = domain_accuracy(model, dm, target, task)
     hp = cfg.adapt
     module = ShotModule(model, dm.num_classes, pseudo_label_loader=dm.loader(target, "train"), lr=hp.lr,
                         backbone_lr_mult=hp.backbone_lr_mult, momentum=hp.momentum, weight_decay=hp.weight_decay,
@@ -50,7 +52,7 @@ def adapt_one(cfg: DictConfig, dm, source_weights, target: str) -> dict:
     dm.configure(fit=(target, "train"), evaluate=[(target, "test")])
     trainer = build_trainer(cfg, run, "adapt", tags=["adapt", hp.method, target], max_epochs=hp.epochs)
     trainer.fit(module, datamodule=dm, ckpt_path=resume_path(run, f"adapt/{target}"))
-    adapted = domain_accuracy(model, dm, target)
+    adapted = domain_accuracy(model, dm, target, task)
     save_weights(model.state_dict(), run.weights_path, model_metadata(
         "fp", architecture(cfg.model, dm.num_classes), stage="adapt", domain=target))
     notice.info("adapt %s -> %s: source-only %.2f%%, adapted %.2f%%", dm.source, target, source_only, adapted)

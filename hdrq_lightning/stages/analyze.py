@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
-from torch import nn
 
 from hdrq_lightning.analysis import (
     error_barrier,
@@ -18,15 +16,15 @@ from hdrq_lightning.analysis import (
 )
 from hdrq_lightning.artifacts import QUANTIZED_FILE, write_json
 from hdrq_lightning.errors import ConfigError
-from hdrq_lightning.evaluation import default_device
+from hdrq_lightning.evaluation import DomainEvaluator, default_device
 from hdrq_lightning.merge import get_merge_method
-from hdrq_lightning.metrics import harmonic_mean
 from hdrq_lightning.quant.export import load_integer_file, load_integer_state
 from hdrq_lightning.quant.fold import fold_batch_norm
 from hdrq_lightning.quant.modules import quant_layers, set_quant_mode
 from hdrq_lightning.quant.recipe import Recipe
 from hdrq_lightning.stages.common import (
     build_datamodule,
+    build_task,
     fingerprints,
     load_model,
     notice,
@@ -34,38 +32,6 @@ from hdrq_lightning.stages.common import (
     stage_run,
     start_fresh_if_forced,
 )
-
-
-class DomainEvaluator:
-    """Cross-entropy and accuracy of a model on fixed test batches of a few domains (loaded once)."""
-
-    def __init__(self, dm, domains: list[str], max_images: int | None, device: torch.device) -> None:
-        self.device = device
-        self.batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for domain in domains:
-            batches, seen = [], 0
-            for images, labels, _ in dm.loader(domain, "test"):
-                if max_images is not None and seen >= max_images:
-                    break
-                batches.append((images.to(device), labels.to(device)))
-                seen += len(labels)
-            self.batches[domain] = batches
-
-    @torch.no_grad()
-    def __call__(self, model: nn.Module) -> tuple[float, float]:
-        """(mean over domains of the CE loss, harmonic mean over domains of the accuracy in %)."""
-        model.eval().to(self.device)
-        losses, accuracies = [], []
-        for batches in self.batches.values():
-            total, loss, correct = 0, 0.0, 0
-            for images, labels in batches:
-                logits = model(images)
-                loss += F.cross_entropy(logits, labels, reduction="sum").item()
-                correct += (logits.argmax(1) == labels).sum().item()
-                total += len(labels)
-            losses.append(loss / total)
-            accuracies.append(100.0 * correct / total)
-        return sum(losses) / len(losses), harmonic_mean(accuracies)
 
 
 def _pair(cfg: DictConfig, targets: list[str]) -> list[str]:
@@ -88,7 +54,8 @@ def run_analyze(cfg: DictConfig) -> dict:
     for upstream in (*quant_runs, *adapt_runs):
         require_finished(upstream, cfg, "analyze")
     device = default_device()
-    evaluate = DomainEvaluator(dm, pair, cfg.analysis.max_images, device)
+    task = build_task(cfg)
+    evaluate = DomainEvaluator(dm, pair, cfg.analysis.max_images, device, task)
     lambdas = [i / (cfg.analysis.lambdas - 1) for i in range(cfg.analysis.lambdas)]
     torch.manual_seed(cfg.seed)
 
@@ -121,7 +88,7 @@ def run_analyze(cfg: DictConfig) -> dict:
     keys = [f"{name}.weight" for name, _ in quant_layers(quant_model)]
     generator = torch.Generator().manual_seed(cfg.seed)
     directions = [filter_normalized_direction(center, generator, keys=keys) for _ in range(2)]
-    surface_eval = DomainEvaluator(dm, pair[:1], cfg.analysis.max_images, device)
+    surface_eval = DomainEvaluator(dm, pair[:1], cfg.analysis.max_images, device, task)
 
     def surface_loss(state) -> float:
         quant_model.load_state_dict(state)

@@ -55,6 +55,11 @@ def build_datamodule(cfg: DictConfig):
         raise
 
 
+def build_task(cfg: DictConfig):
+    """The experiment's task object (``cfg.task``: metric, loss, inference; tasks/)."""
+    return hydra.utils.instantiate(cfg.task)
+
+
 def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
     """The experiment's network (``cfg.model``, a model plug-in), with its initial weights (random, or a local
     weight file)."""

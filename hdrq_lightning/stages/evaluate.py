@@ -13,6 +13,7 @@ from hdrq_lightning.models.io import model_file
 from hdrq_lightning.report import wandb_run
 from hdrq_lightning.stages.common import (
     build_datamodule,
+    build_task,
     fingerprints,
     load_model,
     notice,
@@ -75,7 +76,7 @@ def evaluate_run(cfg: DictConfig, *parts: str) -> dict:
         return run.metrics()
     model = load_model(cfg, dm.num_classes, weights, train=False)
     run.prepare(cfg)
-    result = evaluate_domains(model, dm, list(dm.targets))
+    result = evaluate_domains(model, dm, list(dm.targets), task=build_task(cfg))
     notice.info("evaluate %s: %s, harmonic mean %.2f%%", "/".join(parts), result["per_domain"], result["hmean"])
     recorded = recorded_config(source)  # what the evaluated model was made with, not this command's other groups
     wandb = wandb_run(cfg, run.dir, "evaluate", "evaluate/" + "/".join(parts), ["evaluate", *parts],

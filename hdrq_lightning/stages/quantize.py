@@ -27,6 +27,7 @@ from hdrq_lightning.quant.reconstruction import ReconstructionModule
 from hdrq_lightning.report import wandb_run
 from hdrq_lightning.stages.common import (
     build_datamodule,
+    build_task,
     build_trainer,
     fingerprints,
     load_model,
@@ -82,8 +83,9 @@ def quantize_one(cfg: DictConfig, dm, recipe: Recipe, source_folded: torch.nn.Mo
     if trainer.global_rank != 0:
         return {}
     module.finalize()
-    fp_acc = domain_accuracy(fp_model, dm, target)
-    quant_acc = domain_accuracy(quant_model, dm, target)
+    task = build_task(cfg)
+    fp_acc = domain_accuracy(fp_model, dm, target, task)
+    quant_acc = domain_accuracy(quant_model, dm, target, task)
     save_model_file(export_integer_state(quant_model.cpu()), run.dir / QUANTIZED_FILE, model_metadata(
         "quantized", architecture(cfg.model, dm.num_classes), recipe.numerics(), method=recipe.method,
         target=target))

@@ -15,6 +15,7 @@ from hdrq_lightning.models.io import model_metadata
 from hdrq_lightning.stages.common import (
     build_datamodule,
     build_model,
+    build_task,
     build_trainer,
     fingerprints,
     notice,
@@ -49,7 +50,7 @@ def run_source(cfg: DictConfig) -> dict:
     metrics = {
         "stage": "source", "domain": dm.source, "fingerprints": fingerprints(cfg),
         "best_val_acc": round(100.0 * float(best.best_model_score), 4),
-        "test_acc": evaluate_domains(model, dm, [dm.source, *dm.targets])["per_domain"],
+        "test_acc": evaluate_domains(model, dm, [dm.source, *dm.targets], task=build_task(cfg))["per_domain"],
     }
     notice.info("source %s: test accuracy %s", dm.source, metrics["test_acc"])
     return run.finish(metrics)

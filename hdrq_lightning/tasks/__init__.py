@@ -1,0 +1,5 @@
+"""Tasks: what evaluation, analysis and the report need to know about the problem a model solves."""
+
+from hdrq_lightning.tasks.classification import ClassificationTask
+
+__all__ = ["ClassificationTask"]
