@@ -13,6 +13,7 @@ from hdrq_lightning.analysis import (
     plot_barrier_curves,
     plot_loss_surface,
     plot_sample_distribution,
+    state_evaluator,
 )
 from hdrq_lightning.artifacts import QUANTIZED_FILE, write_json
 from hdrq_lightning.errors import ConfigError
@@ -63,9 +64,7 @@ def run_analyze(cfg: DictConfig) -> dict:
     fp_model, other = (fold_batch_norm(load_model(cfg, dm.num_classes, r.weights_path)) for r in adapt_runs)
     fp_states = [{k: v.clone() for k, v in fp_model.state_dict().items()}, other.state_dict()]
 
-    def fp_at(lam: float) -> tuple[float, float]:
-        fp_model.load_state_dict(interpolate_states(fp_states[0], fp_states[1], lam))
-        return evaluate(fp_model)
+    fp_at = state_evaluator(fp_model, evaluate, lambda lam: interpolate_states(fp_states[0], fp_states[1], lam))
 
     # Eq. 3: quantized endpoints; the model at lambda is the interpolation re-quantized on the interpolated grid.
     experts = [load_integer_file(r.dir / QUANTIZED_FILE)[0] for r in quant_runs]
