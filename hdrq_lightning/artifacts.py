@@ -8,7 +8,6 @@ stage. Weights are safetensors, so opening somebody else's run dir never execute
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -89,16 +88,21 @@ def _sort_safetensors_metadata(path: Path) -> None:
     and the files differ byte for byte; sorted, equal runs give equal files (``sha256sum`` can compare runs). The
     tensor entries keep their order, the header its 8-byte alignment (padded with spaces, as safetensors does).
     """
-    blob = path.read_bytes()
-    length = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8:8 + length])
-    if "__metadata__" not in header:
-        return
-    header = {"__metadata__": dict(sorted(header["__metadata__"].items())),
-              **{k: v for k, v in header.items() if k != "__metadata__"}}
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-(8 + len(text)) % 8)
-    path.write_bytes(len(text).to_bytes(8, "little") + text + blob[8 + length:])
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+        if "__metadata__" not in header:
+            return
+        header = {"__metadata__": dict(sorted(header["__metadata__"].items())),
+                  **{k: v for k, v in header.items() if k != "__metadata__"}}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-(8 + len(text)) % 8)
+        if len(text) == length:  # the usual case (same keys, other order): rewrite the header in place
+            handle.seek(8)
+            handle.write(text)
+            return
+        data = handle.read()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
 
 
 def save_weights(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
@@ -128,14 +132,6 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as error:  # noqa: BLE001 - SafetensorError, OSError, decoding errors: one problem for the user
         raise unreadable_weights(path, error) from None
-
-
-def fingerprint(node: Any) -> str:
-    """A short stable hash of a config subtree (what a later stage must match to reuse an artifact)."""
-    if isinstance(node, DictConfig):
-        node = OmegaConf.to_container(node, resolve=True)
-    blob = json.dumps(node, sort_keys=True, default=str).encode()
-    return hashlib.sha1(blob).hexdigest()[:12]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from hdrq_lightning.artifacts import StageRun, save_weights
-from hdrq_lightning.models.build import build_model
+from hdrq_lightning.errors import ConfigError
+from hdrq_lightning.models.build import architecture, build_model
 from hdrq_lightning.models.io import load_model_file, model_metadata
 from hdrq_lightning.models.shot import build_shot_net
 from hdrq_lightning.quant.cache import CacheBudget
@@ -67,7 +68,7 @@ def test_facts_with_wildcards_and_unknown_names():
     weights, _ = _bits(quantize_model(model, QuantConfig(), init_ranges=False))
     assert set(weights.values()) == {8}
     model.quant_facts = lambda: QuantFacts(eight_bit_weights=("no_such_layer",))
-    with pytest.raises(Exception, match="no_such_layer"):
+    with pytest.raises(ConfigError, match="no_such_layer"):
         quantize_model(model, QuantConfig())
 
 
@@ -96,7 +97,7 @@ def test_walker_caches_are_the_models_intermediate_activations_for_a_chain():
         fp_head_input = fp.backbone.layer4(fp.backbone.layer3(fp.backbone.layer2(fp.backbone.layer1(
             fp_units[0][1](images)))))
     walker = UnitWalker([u for _, u in fp_units], [u for _, u in quant_units], quant, chunk=7)
-    quant.eval()
+    quant.train()  # as the engine holds it during training: the walk runs in eval mode and restores this
     for index, (name, unit) in enumerate(fp_units):
         carried = walker.cache(index, "joint", images, CacheBudget(1e18), torch.device("cpu"))
         fresh = UnitWalker([u for _, u in fp_units], [u for _, u in quant_units], quant, chunk=5).cache(
@@ -117,7 +118,7 @@ def test_walker_caches_are_the_models_intermediate_activations_for_a_chain():
         q = quant.backbone
         quant_head_input = q.layer4(q.layer3(q.layer2(q.layer1(quant_units[0][1](images)))))
     torch.testing.assert_close(carried.quant_input, quant_head_input, rtol=0, atol=1e-5)
-    assert not quant.training
+    assert quant.training and all(m.training for m in quant.modules())
 
 
 class SkipNet(nn.Module):
@@ -161,7 +162,7 @@ def test_walker_captures_the_inputs_of_units_that_do_not_chain():
         torch.testing.assert_close(net.fuse(*seen["fuse"][index][0], **kwargs), net(x))
 
 
-def test_a_model_file_rebuilds_its_network_without_the_current_config(tmp_path):
+def test_a_model_file_rebuilds_its_network_without_the_current_config(tmp_path, monkeypatch):
     """A quantized file records its architecture and numerics: it loads with no model config at hand, and no range
     search runs (the ranges come from the file)."""
     torch.manual_seed(2)
@@ -183,11 +184,8 @@ def test_a_model_file_rebuilds_its_network_without_the_current_config(tmp_path):
 
     calls = []
     original = modules.initialize_weight_ranges
-    modules.initialize_weight_ranges = lambda *a, **k: calls.append(a) or original(*a, **k)
-    try:
-        loaded = load_model_file(path)
-    finally:
-        modules.initialize_weight_ranges = original
+    monkeypatch.setattr(modules, "initialize_weight_ranges", lambda *a, **k: calls.append(a) or original(*a, **k))
+    loaded = load_model_file(path)
     assert calls == []
     torch.testing.assert_close(loaded(images), quant.eval()(images), rtol=0, atol=1e-5)
 
@@ -202,8 +200,6 @@ def test_a_toy_model_plugin_runs_through_quantize_merge_and_evaluate(compose_cfg
     torch.manual_seed(3)
     cfg = compose_cfg("quantize", *TOY, "quant=qdrop")
     source = TwoUnitMLP(10)
-    from hdrq_lightning.models.build import architecture
-
     arch = architecture(cfg.model, 10)
     for stage, key, model in [("source", "clean", source), ("adapt", "negative", TwoUnitMLP(10)),
                               ("adapt", "textured", TwoUnitMLP(10))]:
@@ -232,14 +228,8 @@ def test_a_model_loaded_for_training_is_in_training_mode_and_for_inference_in_ev
     cfg = compose_cfg("adapt")
     model = build_stage_model(cfg, 10)
     path = save_weights(model.state_dict(), tmp_path / "model.safetensors",
-                        model_metadata("fp", {k: v for k, v in model_config_of(cfg).items()}))
+                        model_metadata("fp", architecture(cfg.model, 10)))
     trained = load_model(cfg, 10, path)
     assert trained.training and all(m.training for m in trained.modules())
     inferred = load_model(cfg, 10, path, train=False)
     assert not any(m.training for m in inferred.modules())
-
-
-def model_config_of(cfg):
-    from hdrq_lightning.models.build import architecture
-
-    return architecture(cfg.model, 10)

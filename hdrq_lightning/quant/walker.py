@@ -42,7 +42,6 @@ class UnitWalker:
             raise ValueError(f"{len(fp_units)} float units but {len(quant_units)} quantized ones")
         self.fp_units, self.quant_units, self.quant_model = list(fp_units), list(quant_units), quant_model
         self.chunk, self.channels_last = chunk, channels_last
-        self.device = torch.device("cpu")
         self.last: UnitCache | None = None
 
     def forget(self) -> None:
@@ -50,20 +49,21 @@ class UnitWalker:
         self.last = None
 
     @torch.no_grad()
-    def run(self, unit: nn.Module, inputs: torch.Tensor, budget: CacheBudget, keep: bool) -> tuple[torch.Tensor, bool]:
-        """``unit`` over ``inputs`` in chunks, into a tensor on the device when it fits ``budget`` (else host).
+    def run(self, unit: nn.Module, inputs: torch.Tensor, budget: CacheBudget, keep: bool, device: torch.device
+            ) -> tuple[torch.Tensor, bool]:
+        """``unit`` over ``inputs`` in chunks, into a tensor on ``device`` when it fits ``budget`` (else host).
 
         Returns (output, whether it is on the device). ``keep``: the output is part of a unit's cache and uses up
         the budget (intermediates of a prefix walk do not).
         """
         output, on_device = None, True
         for start in range(0, len(inputs), self.chunk):
-            result = unit(inputs[start : start + self.chunk].to(self.device, non_blocking=True))
+            result = unit(inputs[start : start + self.chunk].to(device, non_blocking=True))
             if output is None:
                 shape = (len(inputs), *result.shape[1:])
                 on_device = budget.place(math.prod(shape) * result.element_size(), keep)
                 layout = torch.channels_last if self.channels_last and result.dim() == 4 else torch.contiguous_format
-                output = allocate(shape, result.dtype, self.device, on_device, layout)
+                output = allocate(shape, result.dtype, device, on_device, layout)
             output[start : start + len(result)].copy_(result)
         return output, on_device
 
@@ -77,7 +77,6 @@ class UnitWalker:
         quantized input its quantized input run through the (now trained) previous unit; otherwise both prefixes
         are walked from the calibration images.
         """
-        self.device = device
         previous, self.last = self.last, None
         was_training = self.quant_model.training
         self.quant_model.eval()
@@ -88,16 +87,16 @@ class UnitWalker:
                     # a fixed budget counts it; an automatic one measured free memory with it already allocated
                     budget.left -= fp_input.numel() * fp_input.element_size()
                 quant_input, quant_on_device = self.run(self.quant_units[index - 1], previous.quant_input, budget,
-                                                        keep=True)
+                                                        True, device)
             else:
                 fp_input = quant_input = calibration  # the first unit reads the calibration images in place
                 fp_on_device = quant_on_device = True
                 for block in range(index):
                     last = block == index - 1
-                    fp_input, fp_on_device = self.run(self.fp_units[block], fp_input, budget, keep=last)
-                    quant_input, quant_on_device = self.run(self.quant_units[block], quant_input, budget, keep=last)
+                    fp_input, fp_on_device = self.run(self.fp_units[block], fp_input, budget, last, device)
+                    quant_input, quant_on_device = self.run(self.quant_units[block], quant_input, budget, last, device)
             del previous
-            fp_target, target_on_device = self.run(self.fp_units[index], fp_input, budget, keep=True)
+            fp_target, target_on_device = self.run(self.fp_units[index], fp_input, budget, True, device)
         finally:
             self.quant_model.train(was_training)
         placed = {"fp_input": fp_on_device, "quant_input": quant_on_device, "fp_target": target_on_device}

@@ -14,7 +14,6 @@ from hdrq_lightning.stages.common import (
     build_datamodule,
     build_task,
     build_trainer,
-    fingerprints,
     load_model,
     notice,
     require_finished,
@@ -57,4 +56,4 @@ def adapt_one(cfg: DictConfig, dm, source_weights, target: str) -> dict:
         "fp", architecture(cfg.model, dm.num_classes), stage="adapt", domain=target))
     notice.info("adapt %s -> %s: source-only %.2f%%, adapted %.2f%%", dm.source, target, source_only, adapted)
     return run.finish({"stage": "adapt", "method": hp.method, "source": dm.source, "target": target,
-                       "fingerprints": fingerprints(cfg), "source_only_acc": source_only, "adapted_acc": adapted})
+                       "source_only_acc": source_only, "adapted_acc": adapted})

@@ -26,7 +26,6 @@ from hdrq_lightning.quant.recipe import Recipe
 from hdrq_lightning.stages.common import (
     build_datamodule,
     build_task,
-    fingerprints,
     load_model,
     notice,
     require_finished,
@@ -49,7 +48,6 @@ def run_analyze(cfg: DictConfig) -> dict:
     if not start_fresh_if_forced(cfg, run):
         return run.metrics()
     pair = _pair(cfg, list(dm.targets))
-    expected = fingerprints(cfg)
     quant_runs = [stage_run(cfg, "quantize", recipe.tag, t) for t in pair]
     adapt_runs = [stage_run(cfg, "adapt", t) for t in pair]
     for upstream in (*quant_runs, *adapt_runs):
@@ -114,7 +112,7 @@ def run_analyze(cfg: DictConfig) -> dict:
     plot_sample_distribution(samples, run.dir / "samples.png", title=f"merged H-mean over noise samples: {title}")
     result = {
         "stage": "analysis", "method": recipe.method, "w_bits": recipe.w_bits, "a_bits": recipe.a_bits,
-        "pair": pair, "fingerprints": expected,
+        "pair": pair,
         "barrier": {name: curve.to_dict() for name, curve in barriers.items()},
         "surface": {"alphas": alphas.tolist(), "betas": betas.tolist(), "losses": losses.tolist()},
         "samples": samples,
@@ -122,6 +120,6 @@ def run_analyze(cfg: DictConfig) -> dict:
     write_json(run.dir / "analysis.json", result)
     notice.info("analysis %s: FP barrier %.4f, quantized barrier %.4f", recipe.tag, barriers["FP"].barrier,
              barriers[recipe.tag].barrier)
-    return run.finish({k: result[k] for k in ("stage", "method", "w_bits", "a_bits", "pair", "fingerprints")} |
+    return run.finish({k: result[k] for k in ("stage", "method", "w_bits", "a_bits", "pair")} |
                       {"barrier": {k: v.barrier for k, v in barriers.items()},
                        "samples_mean": {k: sum(v) / len(v) for k, v in samples.items()}})

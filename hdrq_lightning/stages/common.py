@@ -1,4 +1,4 @@
-"""What every stage shares: run dirs, builders for data/model/trainer/loggers, fingerprints."""
+"""What every stage shares: run dirs, the reuse check, builders for data/model/task/trainer/loggers."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from hdrq_lightning.artifacts import AtomicCheckpointIO, StageRun, fingerprint
+from hdrq_lightning.artifacts import AtomicCheckpointIO, StageRun
 from hdrq_lightning.callbacks.progress import StageProgress
 from hdrq_lightning.errors import ArtifactError, ConfigError, HdrqError
 from hdrq_lightning.models.build import architecture, model_config
 from hdrq_lightning.models.build import build_model as build_from_config
 from hdrq_lightning.models.io import load_model_file
-from hdrq_lightning.stages.settings import DATA_IDENTITY_KEYS, mismatch_message, settings_mismatch
+from hdrq_lightning.stages.settings import mismatch_message, settings_mismatch
 
 log = logging.getLogger("hdrq")
 # What a user sees on the terminal besides warnings and the progress lines: resumes, skips and results (the CLI's
@@ -39,11 +39,6 @@ def stage_run(cfg: DictConfig, stage: str, *keys: str) -> StageRun:
                               f"{Path(cfg.paths.runs_dir) / cfg.name / stage}/<name>, with no '/' or '..' in it.")
     root = Path(cfg.paths.runs_dir, cfg.name, stage)
     return StageRun(root.joinpath(*map(str, keys)), root=root)
-
-
-def fingerprints(cfg: DictConfig) -> dict[str, str]:
-    data = {k: cfg.data.get(k) for k in DATA_IDENTITY_KEYS}
-    return {"data": fingerprint(data), "model": fingerprint(cfg.model)}
 
 
 def build_datamodule(cfg: DictConfig):

@@ -14,7 +14,6 @@ from hdrq_lightning.report import wandb_run
 from hdrq_lightning.stages.common import (
     build_datamodule,
     build_task,
-    fingerprints,
     load_model,
     notice,
     stage_run,
@@ -86,5 +85,4 @@ def evaluate_run(cfg: DictConfig, *parts: str) -> dict:
         wandb.log({"evaluate/test/hmean": result["hmean"],
                    **{f"evaluate/test/acc_{d}": a for d, a in result["per_domain"].items()}})
         wandb.finish()
-    return run.finish({"stage": "evaluate", "model": str(weights), "model_sha256": digest,
-                       "fingerprints": fingerprints(cfg), **result})
+    return run.finish({"stage": "evaluate", "model": str(weights), "model_sha256": digest, **result})

@@ -14,7 +14,6 @@ from hdrq_lightning.quant.fold import fold_batch_norm
 from hdrq_lightning.quant.recipe import Recipe
 from hdrq_lightning.stages.common import (
     build_datamodule,
-    fingerprints,
     load_model,
     notice,
     require_finished,
@@ -91,4 +90,4 @@ def run_merge(cfg: DictConfig) -> dict:
             "fp_folded", architecture(cfg.model, dm.num_classes), merge_method=cfg.merge.method))
     notice.info("merge %s: %s of %d experts -> %s", run.dir.name, cfg.merge.method, len(dm.targets), run.dir)
     return run.finish({"stage": "merge", "experts": cfg.merge.experts, "method": cfg.merge.method,
-                       "params": params, "targets": list(dm.targets), "fingerprints": fingerprints(cfg)})
+                       "params": params, "targets": list(dm.targets)})

@@ -29,7 +29,6 @@ from hdrq_lightning.stages.common import (
     build_datamodule,
     build_task,
     build_trainer,
-    fingerprints,
     load_model,
     notice,
     require_finished,
@@ -98,7 +97,7 @@ def quantize_one(cfg: DictConfig, dm, recipe: Recipe, source_folded: torch.nn.Mo
         wandb.finish()
     notice.info("quantize %s %s: FP %.2f%%, quantized %.2f%% (%.1fs)", recipe.tag, target, fp_acc, quant_acc, seconds)
     return run.finish({"stage": "quantize", "method": recipe.method, "w_bits": recipe.w_bits,
-                       "a_bits": recipe.a_bits, "target": target, "fingerprints": fingerprints(cfg),
+                       "a_bits": recipe.a_bits, "target": target,
                        "fp_acc": fp_acc, "quant_acc": quant_acc, "seconds": seconds,
                        "iterations": module.total_iters, "device": str(trainer.strategy.root_device),
                        "recipe": recipe.to_dict()})

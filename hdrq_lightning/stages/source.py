@@ -17,7 +17,6 @@ from hdrq_lightning.stages.common import (
     build_model,
     build_task,
     build_trainer,
-    fingerprints,
     notice,
     resume_path,
     stage_run,
@@ -48,7 +47,7 @@ def run_source(cfg: DictConfig) -> dict:
     save_weights(model.state_dict(), run.weights_path, model_metadata(
         "fp", architecture(cfg.model, dm.num_classes), stage="source", domain=dm.source))
     metrics = {
-        "stage": "source", "domain": dm.source, "fingerprints": fingerprints(cfg),
+        "stage": "source", "domain": dm.source,
         "best_val_acc": round(100.0 * float(best.best_model_score), 4),
         "test_acc": evaluate_domains(model, dm, [dm.source, *dm.targets], task=build_task(cfg))["per_domain"],
     }
