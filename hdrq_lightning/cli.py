@@ -22,6 +22,8 @@ STAGES: dict[str, tuple[str, str, str]] = {
                  "fold BN and quantize every expert by block reconstruction (quant=brecq|qdrop|hdrq)"),
     "merge": ("hdrq_lightning.stages.merge", "run_merge",
               "merge the quantized experts of one method/bit width (merge=fp: the FP experts)"),
+    "pmq": ("hdrq_lightning.stages.pmq", "run_pmq",
+            "post-merge quantization: merge the FP experts, then RTN / GPTQ / E-PMQ once (pmq=rtn|gptq|epmq)"),
     "evaluate": ("hdrq_lightning.stages.evaluate", "run_evaluate",
                  "evaluate a run's model on every target domain (evaluate.run=<stage>/<key>)"),
     "analyze": ("hdrq_lightning.stages.analyze", "run_analyze",

@@ -28,10 +28,12 @@ CALIBRATION_SAMPLES = 1 << 16
 
 @dataclass
 class QuantConfig:
-    """Numerics of a quantized model (BRECQ / QDrop / HDRQ defaults: W4A4, per-channel asymmetric weights)."""
+    """Numerics of a quantized model (BRECQ / QDrop / HDRQ defaults: W4A4, per-channel asymmetric weights).
+
+    ``a_bits=None``: weight-only (no activation quantizer anywhere: GPTQ-style post-merge quantization)."""
 
     w_bits: int = 4
-    a_bits: int = 4
+    a_bits: int | None = 4
     w_per_channel: bool = True
     w_symmetric: bool = False
     w_learn_scale: bool = False
@@ -43,7 +45,8 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, "w_bits")
-        check_bits(self.a_bits, "a_bits")
+        if self.a_bits is not None:
+            check_bits(self.a_bits, "a_bits")
         if self.init_search not in RANGE_SEARCHES:
             raise ConfigError(f"init_search={self.init_search!r} is unknown; use one of {RANGE_SEARCHES}.")
         self.output_quant_layers = tuple(self.output_quant_layers)  # Hydra passes lists
@@ -253,6 +256,10 @@ def quantize_model(model: nn.Module, config: QuantConfig, init_ranges: bool = Tr
     }
     producers = {name for name in targets if not isinstance(getattr(targets[name], "weight", None), Tensor)}
     producers |= {name for name in targets if _matches(name, output_layers)}
+    if config.a_bits is None:  # weight-only: no activation quantizer, weightless modules (ReLU) stay as they are
+        targets = {name: module for name, module in targets.items() if name not in producers
+                   or isinstance(getattr(module, "weight", None), Tensor)}
+        producers = set()
     eight_bit_weights, eight_bit_outputs = (_eight_bit_layers(quantized, targets, producers, facts)
                                             if config.first_last_8bit else (set(), set()))
     for name, module in targets.items():

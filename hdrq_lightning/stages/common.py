@@ -108,7 +108,7 @@ def require_finished(upstream: StageRun, cfg: DictConfig, what: str) -> dict[str
 
 
 # run-dir stage -> the command that makes it
-_STAGE_COMMANDS = {"source": "source", "adapt": "adapt", "quantize": "quantize", "merge": "merge",
+_STAGE_COMMANDS = {"source": "source", "adapt": "adapt", "quantize": "quantize", "merge": "merge", "pmq": "pmq",
                    "analysis": "analyze", "evaluate": "evaluate"}
 
 

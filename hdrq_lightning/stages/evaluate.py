@@ -22,7 +22,7 @@ from hdrq_lightning.stages.common import (
 from hdrq_lightning.stages.settings import recorded_config, stage_settings
 
 # Stages whose run dirs hold a model that `evaluate` can score.
-MODEL_STAGES = ("source", "adapt", "quantize", "merge")
+MODEL_STAGES = ("source", "adapt", "quantize", "merge", "pmq")
 
 
 def run_reference(cfg: DictConfig, value: str) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ from hdrq_lightning.errors import ArtifactError
 # Data keys that change what a model learns or is scored on; batch sizes, workers and the data root do not.
 DATA_IDENTITY_KEYS = ("name", "source", "seed", "image_size", "resize_size", "val_fraction", "transductive")
 # Keys inside the groups below that say how a stage runs, not what it computes (a resumed run may change them).
-RUNTIME_KEYS = ("quant.runtime", "quant.checkpoint_every")
+RUNTIME_KEYS = ("quant.runtime", "quant.checkpoint_every", "pmq.chunk")
 
 _TRAINED = ("seed", "model", "source")
 # stage dir -> (config groups or keys, whether the data's target list matters)
@@ -29,6 +29,7 @@ _STAGE_KEYS: dict[str, tuple[tuple[str, ...], bool]] = {
     "adapt": ((*_TRAINED, "adapt"), False),
     "quantize": ((*_TRAINED, "adapt", "quant"), False),
     "merge": ((*_TRAINED, "adapt", "merge"), True),  # + quant for quantized experts
+    "pmq": ((*_TRAINED, "adapt", "pmq"), True),
     "analysis": ((*_TRAINED, "adapt", "quant", "merge", "analysis"), True),
     "evaluate": (("model",), True),  # + the evaluated file's digest, recorded by the stage
 }

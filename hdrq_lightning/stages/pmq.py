@@ -1,0 +1,181 @@
+"""Stage `pmq`: post-merge quantization. Merge the BN-folded FP experts, then quantize the merged model once
+(RTN, GPTQ or E-PMQ: hdrq_lightning/pmq/), evaluate it on every target, and write it in the integer format.
+
+Needs only the `source` and `adapt` runs. Resumable after every unit: the partly quantized model and the rows of
+``layers.json`` so far are checkpointed atomically; a resumed run walks the calibration images through the
+finished prefix again and continues (on the CPU the result equals an uninterrupted run bit for bit).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from hdrq_lightning.artifacts import MERGED_FILE, QUANTIZED_FILE, load_weights, read_json, save_weights, write_json
+from hdrq_lightning.errors import ArtifactError, ConfigError
+from hdrq_lightning.evaluation import default_device, evaluate_domains
+from hdrq_lightning.merge import get_merge_method
+from hdrq_lightning.models.build import architecture
+from hdrq_lightning.models.io import model_metadata, save_model_file
+from hdrq_lightning.pmq import PMQ_METHODS, PostMergeQuantizer, get_pmq_method
+from hdrq_lightning.quant.export import export_integer_state
+from hdrq_lightning.quant.fold import fold_batch_norm
+from hdrq_lightning.quant.modules import QuantConfig, calibrate_activations, quantize_model
+from hdrq_lightning.quant.quantizers import check_bits
+from hdrq_lightning.report import wandb_run
+from hdrq_lightning.stages.common import (
+    build_datamodule,
+    build_task,
+    load_model,
+    notice,
+    require_finished,
+    stage_run,
+    start_fresh_if_forced,
+)
+from hdrq_lightning.stages.settings import mismatch_message, settings_mismatch
+
+STATE_FILE = "pmq_state.safetensors"
+ROWS_FILE = "layers_partial.json"
+LAYERS_FILE = "layers.json"
+
+
+class Interrupted(Exception):
+    """Raised after unit ``stop_after_unit`` (tests of the resume path)."""
+
+
+def pmq_key(cfg: DictConfig) -> str:
+    """``<merge>_<method>_w<W>[a<A>][_float][_<tag>]``."""
+    p = cfg.pmq
+    key = f"{p.merge.method}_{p.method}_w{p.w_bits}" + (f"a{p.a_bits}" if p.a_bits is not None else "")
+    if not p.quantize:
+        key += "_float"
+    if p.get("tag"):
+        key += f"_{p.tag}"
+    return key
+
+
+def numerics(cfg: DictConfig) -> QuantConfig:
+    p = cfg.pmq
+    check_bits(p.w_bits, "pmq.w_bits")
+    if p.a_bits is not None:
+        check_bits(p.a_bits, "pmq.a_bits")
+    return QuantConfig(w_bits=p.w_bits, a_bits=p.a_bits, w_per_channel=p.per_channel, w_symmetric=p.symmetric,
+                       first_last_8bit=p.first_last_8bit, init_search=p.grid)
+
+
+def _merge(cfg: DictConfig):
+    name = cfg.pmq.merge.method
+    params = OmegaConf.to_container(cfg.pmq.merge.params, resolve=True).get(name, {}) or {}
+    merger = get_merge_method(name, **params)
+    if merger.takes != "float":
+        raise ConfigError(f"pmq.merge.method={name!r} merges integer experts; post-merge quantization merges the FP "
+                          "experts first: use mean, task_arithmetic or ties.")
+    return merger, params
+
+
+def run_pmq(cfg: DictConfig, stop_after_unit: int | None = None) -> dict:
+    dm = build_datamodule(cfg)
+    p = cfg.pmq
+    if p.method not in PMQ_METHODS:
+        raise ConfigError(f"pmq.method={p.method!r} is unknown; use one of {sorted(PMQ_METHODS)} (pmq=<preset>).")
+    method = get_pmq_method(p.method, **(OmegaConf.to_container(p.params, resolve=True) or {}))
+    merger, merge_params = _merge(cfg)
+    config = numerics(cfg)
+    if p.calibration_size < 1 or p.chunk < 1:
+        raise ConfigError(f"pmq.calibration_size={p.calibration_size} and pmq.chunk={p.chunk} must be positive.")
+    run = stage_run(cfg, "pmq", pmq_key(cfg))
+    if not start_fresh_if_forced(cfg, run):
+        return run.metrics()
+    state_path = run.checkpoint_dir / STATE_FILE
+    if state_path.is_file():
+        differences = settings_mismatch(run, cfg, "pmq")
+        if differences:
+            raise ArtifactError(mismatch_message(run, differences, "Re-run it with the current settings by adding "
+                                                 "force=true (this replaces that run), or repeat its settings."))
+    started = time.perf_counter()
+    source_run = stage_run(cfg, "source", dm.source)
+    require_finished(source_run, cfg, "pmq")
+    source = fold_batch_norm(load_model(cfg, dm.num_classes, source_run.weights_path, train=False))
+    targets = list(dm.targets)
+    experts = []
+    for target in targets:
+        expert_run = stage_run(cfg, "adapt", target)
+        require_finished(expert_run, cfg, "pmq")
+        experts.append(fold_batch_norm(load_model(cfg, dm.num_classes, expert_run.weights_path, train=False)))
+    merged = copy.deepcopy(source)
+    merged.load_state_dict(merger.merge([e.state_dict() for e in experts],
+                                        base=source.state_dict() if merger.needs_base else None))
+    deployed = quantize_model(merged, config, init_ranges=False) if p.quantize else copy.deepcopy(merged)
+    device = default_device()
+    calibration = [torch.cat([images for images, _, _ in dm.calibration_loader(t, size=p.calibration_size)])
+                   for t in targets]
+    run.prepare(cfg)
+    start, rows = 0, []
+    if state_path.is_file():
+        deployed.load_state_dict(load_weights(state_path))
+        saved = read_json(run.checkpoint_dir / ROWS_FILE)
+        start, rows = saved["next_unit"], saved["rows"]
+        notice.info("resuming pmq/%s at unit %d", run.dir.name, start)
+    blend = float(getattr(method.params, "anchor_blend", 1.0))
+    solver = PostMergeQuantizer(deployed, merged, experts, calibration, method, quantize=p.quantize, grid=p.grid,
+                                base=source if blend != 1.0 else None, anchor_blend=blend, device=device,
+                                chunk=p.chunk)
+
+    def checkpoint(k: int, unit_rows) -> None:
+        rows.extend(r.record() for r in unit_rows)
+        save_weights(deployed.state_dict(), state_path)
+        write_json(run.checkpoint_dir / ROWS_FILE, {"next_unit": k + 1, "rows": rows})
+        if stop_after_unit is not None and k == stop_after_unit:
+            raise Interrupted(f"stopped after unit {k}")
+
+    solver.run(start, checkpoint)
+    if p.a_bits is not None and p.quantize:
+        L.seed_everything(cfg.seed, workers=True, verbose=False)  # the activation sample is random
+        calibrate_activations(deployed, [x.to(device) for c in calibration for x in c.split(p.chunk)])
+    task = build_task(cfg)
+    fp = evaluate_domains(merged, dm, targets, task=task)
+    result = evaluate_domains(deployed, dm, targets, task=task)
+    arch = architecture(cfg.model, dm.num_classes)
+    extra = {"pmq_method": p.method, "merge_method": p.merge.method, "target": "+".join(targets)}
+    if p.quantize:
+        save_model_file(export_integer_state(deployed.cpu()), run.dir / QUANTIZED_FILE,
+                        model_metadata("quantized", arch, config, **extra))
+    else:
+        save_weights(deployed.cpu().state_dict(), run.dir / MERGED_FILE, model_metadata("fp_folded", arch, **extra))
+    write_json(run.dir / LAYERS_FILE, rows)
+    seconds = round(time.perf_counter() - started, 2)
+    record = {"stage": "pmq", "method": p.method, "merge": p.merge.method, "merge_params": merge_params,
+              "w_bits": p.w_bits, "a_bits": p.a_bits, "quantize": bool(p.quantize), "targets": targets,
+              "per_domain": result["per_domain"], "mean": result["mean"], "hmean": result["hmean"],
+              "fp_merge": fp, "params": OmegaConf.to_container(p.params, resolve=True),
+              "fallbacks": sum(1 for r in rows if r.get("fallback")), "seconds": seconds, "device": str(device)}
+    _log_wandb(cfg, run.dir, record, rows)
+    notice.info("pmq %s: mean %.2f%%, harmonic mean %.2f%% (FP merge %.2f%% / %.2f%%; %.1fs)", run.dir.name,
+                result["mean"], result["hmean"], fp["mean"], fp["hmean"], seconds)
+    return run.finish(record)
+
+
+def _log_wandb(cfg: DictConfig, run_dir: Path, record: dict, rows: list[dict]) -> None:
+    tags = [record["method"], record["merge"], f"w{record['w_bits']}"]
+    wandb = wandb_run(cfg, run_dir, "pmq", f"pmq/{run_dir.name}", tags,
+                      config={"pmq": OmegaConf.to_container(cfg.pmq, resolve=True)})
+    if wandb is None:
+        return
+    import wandb as wandb_module
+
+    table = wandb_module.Table(columns=["layer", "rows", "columns", "bits", "mu", "damp_used", "fallback",
+                                        "gptq_loss", "expert_error"])
+    for r in rows:
+        table.add_data(r["layer"], r["rows"], r["columns"], r["bits"], r["mu"], r["damp_used"], r["fallback"],
+                       r["gptq_loss"], json.dumps(r["expert_error"].get("solution")))
+    wandb.log({"pmq/test/mean": record["mean"], "pmq/test/hmean": record["hmean"],
+               "pmq/fp_merge/hmean": record["fp_merge"]["hmean"], "pmq/layers": table,
+               **{f"pmq/test/acc_{d}": a for d, a in record["per_domain"].items()}})
+    wandb.finish()
+
