@@ -7,7 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from hdrq_lightning.analysis import BarrierCurve, plot_barrier_curves, plot_method_comparison
+from hdrq_lightning.analysis import BarrierCurve, plot_barrier_curves, plot_method_comparison, plot_pmq_anchor
 from hdrq_lightning.artifacts import write_json, write_text
 
 
@@ -47,7 +47,64 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| {tag} | {item['barrier'][tag]:.4f} | {item['samples_mean']['random sample']:.2f} | "
                          f"{item['samples_mean']['cosine selection']:.2f} |")
         lines.append(f"\nFP error barrier (Eq. 2): {summary['fp_barrier']:.4f}")
+    if summary.get("pmq"):
+        lines += ["", *pmq_markdown(summary["pmq"])]
     return "\n".join(lines) + "\n"
+
+
+PMQ_ROW_NAMES = {"rtn": "RTN", "gptq": "GPTQ", "epmq": "E-PMQ"}
+
+
+def _pmq_cells(entry: dict[str, Any], domains: list[str]) -> str:
+    return " | ".join([*(f"{entry['per_domain'][d]:.2f}" for d in domains), f"{entry['mean']:.2f}",
+                       f"**{entry['hmean']:.2f}**"])
+
+
+def pmq_markdown(block: dict[str, Any]) -> list[str]:
+    """Post-merge quantization: one table per weight bit width; rows merge x {FP merge, methods, relaxation}."""
+    domains = block["targets"]
+    a_bits = f"A{block['a_bits']}" if block.get("a_bits") else " weight-only"
+    lines = ["Post-merge quantization (`hdrq pmq`: merge the FP experts, then quantize once; pmq/<run>/): accuracy "
+             "(%) of the merged model per target, mean and harmonic mean. The relaxation is E-PMQ's target W* "
+             "left in float: below it, the loss is the quantizer's; between it and the FP merge, the objective's."]
+    header = ["", "| Merge | Model | " + " | ".join(domains) + " | mean | H |",
+              "|---|---|" + "---|" * (len(domains) + 2)]
+    for w_bits in block["bits"]:
+        lines += ["", f"W{w_bits}{a_bits}:", *header]
+        for merge in dict.fromkeys(r["merge"] for r in block["rows"]):
+            lines.append(f"| {merge} | FP merge | {_pmq_cells(block['fp_merge'][merge], domains)} |")
+            for row in block["rows"]:
+                if row["merge"] != merge or (row["quantize"] and row["w_bits"] != w_bits):
+                    continue
+                name = PMQ_ROW_NAMES.get(row["method"], row["method"])
+                name = f"{name} relaxation (float)" if not row["quantize"] else name
+                lines.append(f"| {merge} | {name} | {_pmq_cells(row, domains)} |")
+    if block.get("anchor_sweep"):
+        lines += ["", f"E-PMQ anchor strength mu (relative to mean diag H) at W{block['bits'][-1]}, mean accuracy "
+                  "(pmq_anchor.png):", "", "| Merge | " + " | ".join(
+                      f"mu={p['mu']:g}" for p in next(iter(block["anchor_sweep"].values()))) + " |",
+                  "|---|" + "---|" * len(next(iter(block["anchor_sweep"].values())))]
+        for merge, points in block["anchor_sweep"].items():
+            lines.append(f"| {merge} | " + " | ".join(f"{p['mean']:.2f}" for p in points) + " |")
+    return lines
+
+
+def plot_pmq(out_dir: Path, block: dict[str, Any]) -> list[Path]:
+    """pmq_anchor.png when the block has an anchor sweep: E-PMQ's mean accuracy against mu per merge, with the FP
+    merge and GPTQ at the same bit width as lines."""
+    if not block.get("anchor_sweep"):
+        return []
+    w_bits = block["bits"][-1]
+    curves = {merge: [(p["mu"], p["mean"]) for p in points] for merge, points in block["anchor_sweep"].items()}
+    references = {}
+    for merge in curves:
+        references[merge] = {"FP merge": block["fp_merge"][merge]["mean"]}
+        gptq = [r for r in block["rows"] if r["merge"] == merge and r["method"] == "gptq" and r["quantize"]
+                and r["w_bits"] == w_bits]
+        if gptq:
+            references[merge][f"GPTQ W{w_bits}"] = gptq[0]["mean"]
+    return [plot_pmq_anchor(curves, out_dir / "pmq_anchor.png", references,
+                            title=f"E-PMQ W{w_bits}: mean accuracy against the anchor strength")]
 
 
 def write_summary(out_dir: Path, summary: dict[str, Any], barrier_curves: dict[str, BarrierCurve]) -> list[Path]:
@@ -66,6 +123,8 @@ def write_summary(out_dir: Path, summary: dict[str, Any], barrier_curves: dict[s
         plots.append(plot_barrier_curves(
             barrier_curves, out_dir / "barrier.png",
             title=f"error barrier along the merge path {pair}, {bits} (FP: Eq. 2, quantized: Eq. 3)"))
+    if summary.get("pmq"):
+        plots += plot_pmq(out_dir, summary["pmq"])
     return plots
 
 
@@ -104,5 +163,17 @@ def log_summary_to_wandb(cfg: DictConfig, out_dir: Path, summary: dict[str, Any]
     for r in [{"method": "fp", "w_bits": 32, "a_bits": 32, **summary["fp"]}, *summary["results"]]:
         table.add_data(r["method"], r["w_bits"], r["a_bits"], r["merged"]["hmean"],
                        *[r["merged"]["per_domain"][d] for d in domains], *[r["experts"][d] for d in domains])
-    run.log({"summary": table, **{p.stem: wandb.Image(str(p)) for p in images}})
+    logged: dict[str, Any] = {"summary": table}
+    if summary.get("pmq"):
+        block = summary["pmq"]
+        pmq_table = wandb.Table(columns=["merge", "method", "w_bits", "a_bits", "quantize", "mean", "hmean",
+                                         *[f"acc_{d}" for d in block["targets"]]])
+        for merge, fp in block["fp_merge"].items():
+            pmq_table.add_data(merge, "fp_merge", 32, 32, False, fp["mean"], fp["hmean"],
+                               *[fp["per_domain"][d] for d in block["targets"]])
+        for r in block["rows"]:
+            pmq_table.add_data(r["merge"], r["method"], r["w_bits"], r["a_bits"], r["quantize"], r["mean"],
+                               r["hmean"], *[r["per_domain"][d] for d in block["targets"]])
+        logged["pmq"] = pmq_table
+    run.log({**logged, **{p.stem: wandb.Image(str(p)) for p in images}})
     run.finish()

@@ -13,7 +13,8 @@ def test_pipeline_writes_summary_of_the_documented_shape(tmp_path, monkeypatch):
     monkeypatch.setenv("HDRQ_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.chdir(tmp_path)
-    main(["pipeline", *TINY, "pipeline.methods=[qdrop,hdrq]", "pipeline.bits=[W3A3]", "logger=wandb"])
+    main(["pipeline", *TINY, "pipeline.methods=[qdrop,hdrq]", "pipeline.bits=[W3A3]", "logger=wandb",
+          "pipeline.pmq.anchor_sweep=[0.1,inf]"])
     out = tmp_path / "runs" / "digits"
     summary = json.loads((out / "summary.json").read_text())
     targets = ["negative", "textured", "rotated"]
@@ -32,11 +33,21 @@ def test_pipeline_writes_summary_of_the_documented_shape(tmp_path, monkeypatch):
     for name in ("comparison.png", "barrier.png", "analysis/hdrq_w3a3/surface.png",
                  "analysis/hdrq_w3a3/samples.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+    # post-merge quantization: rows per merge x method, the relaxation, the anchor sweep and its plot
+    block = summary["pmq"]
+    assert [(r["merge"], r["method"], r["quantize"]) for r in block["rows"]] == [
+        ("ties", "gptq", True), ("ties", "epmq", True), ("ties", "epmq", False)]
+    assert set(block["fp_merge"]["ties"]["per_domain"]) == set(targets)
+    assert [p["mu"] for p in block["anchor_sweep"]["ties"]] == [0.1, float("inf")]
+    assert "| ties | E-PMQ relaxation (float) |" in table and "| ties | GPTQ |" in table
+    assert (out / "pmq_anchor.png").read_bytes()[:4] == b"\x89PNG"
     # W&B: offline runs on disk, grouped by experiment (a run per stage, plus the summary run)
     assert list((out / "quantize" / "hdrq_w3a3" / "negative").rglob("offline-run-*"))
     assert list(out.glob("wandb/offline-run-*"))
     assert list((out / "evaluate" / "merge" / "hdrq_w3a3").rglob("offline-run-*"))
 
     # a second run reuses every finished stage and rewrites the same summary
-    main(["pipeline", *TINY, "pipeline.methods=[qdrop,hdrq]", "pipeline.bits=[W3A3]"])
-    assert json.loads((out / "summary.json").read_text())["results"] == summary["results"]
+    main(["pipeline", *TINY, "pipeline.methods=[qdrop,hdrq]", "pipeline.bits=[W3A3]",
+          "pipeline.pmq.anchor_sweep=[0.1,inf]"])
+    again = json.loads((out / "summary.json").read_text())
+    assert again["results"] == summary["results"] and again["pmq"] == summary["pmq"]

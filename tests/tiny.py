@@ -19,4 +19,7 @@ TINY = [
     "analysis.noise_samples=2",
     "analysis.selection_pool=2",
     "analysis.max_images=64",
+    "pmq.calibration_size=32",
+    "pipeline.pmq.merges=[ties]",
+    "pipeline.pmq.methods=[gptq,epmq]",
 ]

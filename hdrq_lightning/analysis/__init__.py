@@ -5,6 +5,7 @@ from hdrq_lightning.analysis.plots import (
     plot_barrier_curves,
     plot_loss_surface,
     plot_method_comparison,
+    plot_pmq_anchor,
     plot_sample_distribution,
 )
 from hdrq_lightning.analysis.surface import filter_normalized_direction, loss_surface
@@ -18,6 +19,7 @@ __all__ = [
     "plot_barrier_curves",
     "plot_loss_surface",
     "plot_method_comparison",
+    "plot_pmq_anchor",
     "plot_sample_distribution",
     "state_evaluator",
 ]

@@ -211,3 +211,37 @@ def plot_method_comparison(rows: Sequence[Mapping], path: str | os.PathLike, tit
         axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
     return _save_png(draw, path, size=(max(6.0, 1.6 * len(bit_configs) + 3.5), 4.0))
+
+
+def plot_pmq_anchor(curves: Mapping[str, Sequence[tuple[float, float]]], path: str | os.PathLike,
+                    references: Mapping[str, Mapping[str, float]] | None = None, title: str = "") -> Path:
+    """E-PMQ's mean accuracy against the anchor strength mu, one line per merge method, on a log axis; mu = 0 and
+    mu = inf (round-to-nearest of the anchor) drawn at the two ends and labelled. ``references``: per merge
+    method, horizontal lines (e.g. {"FP merge": 53.1, "GPTQ": 52.7})."""
+    if not curves or not any(curves.values()):
+        raise ConfigError("No anchor-sweep points to plot; give {merge method: [(mu, accuracy), ...]}.")
+    finite = sorted({mu for points in curves.values() for mu, _ in points if 0 < mu < math.inf})
+    low = finite[0] / 10 if finite else 0.01
+    high = finite[-1] * 10 if finite else 100.0
+
+    def position(mu: float) -> float:
+        return low if mu == 0 else high if math.isinf(mu) else mu
+
+    def draw(figure: Figure, axes: Axes) -> None:
+        colours = [f"C{i}" for i in range(10)]
+        for index, (merge, points) in enumerate(curves.items()):
+            colour = colours[index % len(colours)]
+            ordered = sorted(points, key=lambda p: position(p[0]))
+            axes.plot([position(mu) for mu, _ in ordered], [acc for _, acc in ordered], marker="o", color=colour,
+                      label=f"E-PMQ, {merge}")
+            for style, (name, value) in zip(("--", ":", "-."), (references or {}).get(merge, {}).items()):
+                axes.axhline(value, color=colour, linestyle=style, linewidth=1.0, label=f"{name}, {merge} ({value:.2f})")
+        axes.set_xscale("log")
+        ticks = [low, *finite, high]
+        axes.set_xticks(ticks, ["0", *[f"{mu:g}" for mu in finite], "inf\n(RTN)"])
+        axes.set_xlabel("anchor strength mu (relative to mean diag H)")
+        axes.set_ylabel("mean accuracy over targets (%)")
+        _set_title(axes, title)
+        axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+
+    return _save_png(draw, path, size=(9.0, 4.2))

@@ -129,27 +129,28 @@ class Objective:
     anchor: Tensor
     mu: float
 
+    def __post_init__(self) -> None:
+        # per task: tr(W_t T_t W_t^T) and P_t = W_t G_t, shared by every Q evaluated
+        self._reference = [float(((W @ T) * W).sum()) for W, T in zip(self.experts, self.T)]
+        self._cross = [W @ G for W, G in zip(self.experts, self.G)]
+
     def value(self, Q: Tensor) -> float:
-        Q = Q.double()
+        """J(Q), from the moments: sum_t w_t E_t||b W_t x^tau + R x~||^2 + mu ||Q - A||^2 with R = (1 - b) W_m - Q."""
+        b = self.beta
+        R = (1 - b) * self.merged - Q.double()
         total = 0.0
-        for S, G, T, W, w in zip(self.S, self.G, self.T, self.experts, self.weights):
-            b, m = self.beta, self.merged
-            # E||b W x^tau + (1-b) M x~ - Q x~||^2 expanded with P = b W, R = (1-b) M - Q acting on x~
-            R = (1 - b) * m - Q
-            term = (b * b * torch.trace(W @ T @ W.T) + 2 * b * torch.trace(W @ G @ R.T)
-                    + torch.trace(R @ S @ R.T))
-            total += w * float(term)
+        for S, P, reference, w in zip(self.S, self._cross, self._reference, self.weights):
+            total += w * (b * b * reference + 2 * b * float((P * R).sum()) + float(((R @ S) * R).sum()))
         if self.mu and math.isfinite(self.mu):
-            total += self.mu * float(((Q - self.anchor) ** 2).sum())
+            total += self.mu * float(((Q.double() - self.anchor) ** 2).sum())
         return total
 
     def relative_errors(self, Q: Tensor) -> list[float]:
         """Per task ||W_t x^tau - Q x~|| / ||W_t x^tau|| (the expert-relative deviation of the layer)."""
         Q = Q.double()
         out = []
-        for S, G, T, W in zip(self.S, self.G, self.T, self.experts):
-            reference = float(torch.trace(W @ T @ W.T))
-            error = reference - 2 * float(torch.trace(W @ G @ Q.T)) + float(torch.trace(Q @ S @ Q.T))
+        for S, P, reference in zip(self.S, self._cross, self._reference):
+            error = reference - 2 * float((P * Q).sum()) + float(((Q @ S) * Q).sum())
             out.append(math.sqrt(max(error, 0.0) / reference) if reference > 0 else 0.0)
         return out
 

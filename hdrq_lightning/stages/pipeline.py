@@ -20,11 +20,14 @@ from hdrq_lightning.stages.analyze import run_analyze
 from hdrq_lightning.stages.common import stage_run
 from hdrq_lightning.stages.evaluate import evaluate_run
 from hdrq_lightning.stages.merge import merge_key, run_merge
+from hdrq_lightning.stages.pmq import pmq_key, run_pmq
 from hdrq_lightning.stages.quantize import run_quantize
 from hdrq_lightning.stages.source import run_source
 
 # Overrides the pipeline sets itself for each variant.
-_OWN_KEYS = re.compile(r"^[~+]*(quant|merge|stage)(=|\.w_bits=|\.a_bits=|\.method=)")
+_OWN_KEYS = re.compile(r"^[~+]*(quant|merge|stage|pmq)(=|\.w_bits=|\.a_bits=|\.method=|\.merge\.method=|\.quantize=|"
+                       r"\.tag=|\.params\.anchor_strength=)")
+_PMQ_PARAMS = re.compile(r"^[~+]*pmq\.params\.")
 
 
 def parse_bits(label: str) -> tuple[int, int]:
@@ -34,9 +37,11 @@ def parse_bits(label: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def variant(overrides: list[str], extra: list[str]) -> DictConfig:
-    """The config of one pipeline step: the user's overrides plus the step's own (quant preset, bits, merge)."""
-    kept = [o for o in overrides if not _OWN_KEYS.match(o)]
+def variant(overrides: list[str], extra: list[str], keep_pmq_params: bool = True) -> DictConfig:
+    """The config of one pipeline step: the user's overrides plus the step's own (quant preset, bits, merge).
+    ``keep_pmq_params``: the user's ``pmq.params.*`` overrides apply (they are the parameters of the user's
+    ``pmq.method``, not of the other post-merge methods the pipeline runs)."""
+    kept = [o for o in overrides if not _OWN_KEYS.match(o) and (keep_pmq_params or not _PMQ_PARAMS.match(o))]
     return compose(config_name="config", overrides=[*kept, *extra])
 
 
@@ -54,6 +59,34 @@ def replot_surfaces_on_one_scale(cfg: DictConfig, keys: list[str]) -> None:
                 f"{' + '.join(record['pair'])} ({record['pair'][0]}); colour scale shared by all methods"
         plot_loss_surface(surface["alphas"], surface["betas"], surface["losses"], run / "surface.png", title=title,
                           value_range=(min(values), max(values)))
+
+
+def run_pmq_block(cfg: DictConfig, overrides: list[str], targets: list[str]) -> dict:
+    """Post-merge quantization per merge method x method x weight bits, the relaxation, the anchor sweep."""
+    p = cfg.pipeline.pmq
+    a_bits = "null" if p.a_bits is None else p.a_bits
+
+    def pmq(method: str, merge: str, w_bits: int, *extra: str) -> dict:
+        pcfg = variant(overrides, ["stage=pmq", f"pmq={method}", f"pmq.merge.method={merge}", f"pmq.w_bits={w_bits}",
+                                   f"pmq.a_bits={a_bits}", *extra], keep_pmq_params=method == cfg.pmq.method)
+        result = run_pmq(pcfg)
+        return {"merge": merge, "method": method, "w_bits": w_bits, "a_bits": p.a_bits,
+                "quantize": result["quantize"], "per_domain": result["per_domain"], "mean": result["mean"],
+                "hmean": result["hmean"], "run": f"pmq/{pmq_key(pcfg)}", "fp_merge": result["fp_merge"]}
+
+    rows = [pmq(method, merge, w_bits) for w_bits in p.bits for merge in p.merges for method in p.methods]
+    if p.relaxation:
+        rows += [pmq("epmq", merge, p.bits[-1], "pmq.quantize=false") for merge in p.merges]
+    fp = {}
+    for row in rows:
+        fp.setdefault(row["merge"], row.pop("fp_merge"))
+    block = {"targets": targets, "bits": list(p.bits), "a_bits": p.a_bits, "fp_merge": fp, "rows": rows}
+    if p.anchor_sweep:
+        block["anchor_sweep"] = {merge: [
+            {"mu": float(mu), **{k: v for k, v in pmq("epmq", merge, p.bits[-1], f"pmq.params.anchor_strength={mu}",
+                                                       f"pmq.tag=mu{mu}").items()
+                                 if k in ("mean", "hmean", "run")}} for mu in p.anchor_sweep] for merge in p.merges}
+    return block
 
 
 def run_pipeline(cfg: DictConfig) -> dict:
@@ -97,6 +130,8 @@ def run_pipeline(cfg: DictConfig) -> dict:
                 "merged": {"per_domain": merged["per_domain"], "hmean": merged["hmean"]},
                 "quantize_seconds": round(sum(quantized[t]["seconds"] for t in targets), 1),
             })
+    if cfg.pipeline.pmq.merges:
+        summary["pmq"] = run_pmq_block(cfg, overrides, targets)
     curves: dict[str, BarrierCurve] = {}
     if cfg.pipeline.analysis and len(targets) >= 2:
         w_bits, a_bits = parse_bits(cfg.pipeline.analysis_bits or cfg.pipeline.bits[-1])
