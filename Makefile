@@ -26,6 +26,10 @@ install: $(VENV)/.installed ## create .venv (if missing) and install the package
 run: install ## run the whole pipeline on the built-in benchmark (EXPERIMENT=digits)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/hdrq pipeline experiment=$(EXPERIMENT)
 
+pmq-ablation: install ## the pipeline plus E-PMQ's anchor sweep (pmq_anchor.png); finished stages are reused
+	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/hdrq pipeline experiment=$(EXPERIMENT) \
+	  'pipeline.pmq.anchor_sweep=[0,0.1,0.3,1,3,10,inf]'
+
 test: install ## fast test suite (skips tests marked slow)
 	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
 
@@ -38,4 +42,4 @@ lint: install ## ruff lint
 clean-runs: ## delete run directories of the built-in experiment
 	rm -rf runs/$(EXPERIMENT)
 
-.PHONY: help install run test test-full lint clean-runs
+.PHONY: help install run pmq-ablation test test-full lint clean-runs
