@@ -89,7 +89,7 @@ def main() -> None:
         solver_time = [0.0]
         original = gptq_module.gptq_quantize
 
-        def timed(*a, **k):
+        def timed(*a, original=original, solver_time=solver_time, **k):
             synchronize(device)
             start = time.perf_counter()
             out = original(*a, **k)

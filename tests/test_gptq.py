@@ -81,7 +81,7 @@ def test_never_worse_than_round_to_nearest_on_average_and_near_exhaustive_search
     for seed in range(60):
         w, h, grid, _ = _problem(rows=3, columns=4, tokens=6, bits=2, seed=seed)
         h = h + 1e-3 * torch.eye(4, dtype=h.dtype)
-        loss = lambda q: float(torch.trace((q - w) @ h @ (q - w).T))  # noqa: E731
+        loss = lambda q, w=w, h=h: float(torch.trace((q - w) @ h @ (q - w).T))  # noqa: E731
         best = 0.0
         for r in range(w.shape[0]):
             values = [(c - grid.zero_point[r]) * grid.scale[r] for c in range(grid.qmin, grid.qmax + 1)]

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, TypeVar
 from torch import Tensor
 
 from hdrq_lightning.errors import ConfigError
-from hdrq_lightning.pmq.objective import TaskMoments, Target, anchored_target
+from hdrq_lightning.pmq.objective import Target, TaskMoments, anchored_target
 
 PMQ_METHODS: dict[str, type[PmqMethod]] = {}
 

@@ -112,7 +112,7 @@ class Target:
     weight: Tensor
     hessian: Tensor
     mu: float
-    objective: "Objective"
+    objective: Objective
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from hdrq_lightning.errors import ConfigError
-from hdrq_lightning.pmq.gptq import Grid, GptqInfo, gptq_quantize, round_to_nearest
+from hdrq_lightning.pmq.gptq import GptqInfo, Grid, gptq_quantize, round_to_nearest
 from hdrq_lightning.pmq.methods import PmqMethod
 from hdrq_lightning.pmq.objective import TaskMoments, layer_rows
 from hdrq_lightning.quant.cache import CacheBudget, cache_budget_bytes

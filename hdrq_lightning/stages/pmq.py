@@ -17,7 +17,14 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from hdrq_lightning.artifacts import MERGED_FILE, QUANTIZED_FILE, load_weights, read_json, save_weights, write_json
+from hdrq_lightning.artifacts import (
+    MERGED_FILE,
+    QUANTIZED_FILE,
+    load_weights,
+    read_json,
+    save_weights,
+    write_json,
+)
 from hdrq_lightning.errors import ArtifactError, ConfigError
 from hdrq_lightning.evaluation import default_device, evaluate_domains
 from hdrq_lightning.merge import get_merge_method
