@@ -79,6 +79,13 @@ def pmq_markdown(block: dict[str, Any]) -> list[str]:
                 name = PMQ_ROW_NAMES.get(row["method"], row["method"])
                 name = f"{name} relaxation (float)" if not row["quantize"] else name
                 lines.append(f"| {merge} | {name} | {_pmq_cells(row, domains)} |")
+    if block.get("layer_errors"):
+        lines += ["", f"Output deviation from the experts on the deployed input, ||(W_t - Q) x~|| / ||W_t x~||, mean "
+                  f"over targets and layers at W{block['bits'][-1]} (per layer: summary.json, pmq/<run>/layers.json):",
+                  ""]
+        for merge, entry in block["layer_errors"].items():
+            parts = [f"{name} {sum(v) / len(v):.4f}" for name, v in entry.items() if name != "layers"]
+            lines.append(f"- {merge}: " + ", ".join(parts))
     if block.get("anchor_sweep"):
         lines += ["", f"E-PMQ anchor strength mu (relative to mean diag H) at W{block['bits'][-1]}, mean accuracy "
                   "(pmq_anchor.png):", "", "| Merge | " + " | ".join(

@@ -39,6 +39,8 @@ def test_pipeline_writes_summary_of_the_documented_shape(tmp_path, monkeypatch):
         ("ties", "gptq", True), ("ties", "epmq", True), ("ties", "epmq", False)]
     assert set(block["fp_merge"]["ties"]["per_domain"]) == set(targets)
     assert [p["mu"] for p in block["anchor_sweep"]["ties"]] == [0.1, float("inf")]
+    errors = block["layer_errors"]["ties"]
+    assert set(errors) == {"layers", "FP merge", "gptq", "epmq"} and len(errors["gptq"]) == len(errors["layers"])
     assert "| ties | E-PMQ relaxation (float) |" in table and "| ties | GPTQ |" in table
     assert (out / "pmq_anchor.png").read_bytes()[:4] == b"\x89PNG"
     # W&B: offline runs on disk, grouped by experiment (a run per stage, plus the summary run)

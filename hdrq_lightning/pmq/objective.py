@@ -91,6 +91,18 @@ class TaskMoments:
         return S, G, T
 
 
+def deployed_input_errors(moments: list[TaskMoments], experts: list[Tensor], Q: Tensor) -> list[float]:
+    """Per task ||W_t x~ - Q x~|| / ||W_t x~||: the layer's deviation from expert t on the deployed input (the
+    same yardstick for every method: it needs only S_t, which every method with statistics collects)."""
+    out = []
+    for m, W in zip(moments, experts):
+        S = m.S / m.count
+        D = W.double() - Q.double()
+        reference = float(((W.double() @ S) * W.double()).sum())
+        out.append(math.sqrt(max(float(((D @ S) * D).sum()), 0.0) / reference) if reference > 0 else 0.0)
+    return out
+
+
 def task_weights(moments: list[TaskMoments], scheme: str) -> list[float]:
     """w_t: ``frobenius`` 1/||S_t||_F (FeatCal), ``uniform`` 1/T, ``tokens`` n_t / sum n (pooled data, GPTQ)."""
     if scheme == "uniform":

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from hdrq_lightning.errors import ConfigError
 from hdrq_lightning.pmq.gptq import GptqInfo, Grid, gptq_quantize, round_to_nearest
 from hdrq_lightning.pmq.methods import PmqMethod
-from hdrq_lightning.pmq.objective import TaskMoments, layer_rows
+from hdrq_lightning.pmq.objective import TaskMoments, deployed_input_errors, layer_rows
 from hdrq_lightning.quant.cache import CacheBudget, cache_budget_bytes
 from hdrq_lightning.quant.facts import reconstruction_units
 from hdrq_lightning.quant.walker import UnitWalker
@@ -234,7 +234,9 @@ class PostMergeQuantizer:
             objective = {"merged": obj.value(merged), "relaxation": obj.value(target_weight),
                          "solution": obj.value(solution)}
             expert_error = {"merged": obj.relative_errors(merged), "relaxation": obj.relative_errors(target_weight),
-                            "solution": obj.relative_errors(solution)}
+                            "solution": obj.relative_errors(solution),
+                            "deployed_input": {"merged": deployed_input_errors(moments, expert_weights, merged),
+                                               "solution": deployed_input_errors(moments, expert_weights, solution)}}
         live = int((torch.diagonal(sum(m.S for m in moments)) > 0).sum()) if moments else columns
         return LayerSolve(name, rows, columns, quantizer.bits if (quantizer is not None and self.quantize) else None,
                           [m.count for m in moments], live, mu, info, objective, expert_error)

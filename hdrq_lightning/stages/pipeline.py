@@ -61,6 +61,22 @@ def replot_surfaces_on_one_scale(cfg: DictConfig, keys: list[str]) -> None:
                           value_range=(min(values), max(values)))
 
 
+def layer_errors(cfg: DictConfig, rows: list[dict]) -> dict[str, dict[str, list]]:
+    """Per merge, the layers in order and, per method, each layer's output deviation from the experts on the
+    deployed input (mean over targets; layers.json's ``expert_error.deployed_input``), with the FP merge's."""
+    out: dict[str, dict[str, list]] = {}
+    for row in rows:
+        path = Path(cfg.paths.runs_dir, cfg.name, row["run"], "layers.json")
+        records = [r for r in read_json(path) if r["expert_error"]]
+        if not records or any("deployed_input" not in r["expert_error"] for r in records):
+            continue  # a method without statistics (RTN), or a run written before this record existed
+        entry = out.setdefault(row["merge"], {"layers": [r["layer"] for r in records]})
+        mean = lambda values: round(sum(values) / len(values), 5)  # noqa: E731
+        entry.setdefault("FP merge", [mean(r["expert_error"]["deployed_input"]["merged"]) for r in records])
+        entry[row["method"]] = [mean(r["expert_error"]["deployed_input"]["solution"]) for r in records]
+    return out
+
+
 def run_pmq_block(cfg: DictConfig, overrides: list[str], targets: list[str]) -> dict:
     """Post-merge quantization per merge method x method x weight bits, the relaxation, the anchor sweep."""
     p = cfg.pipeline.pmq
@@ -80,7 +96,8 @@ def run_pmq_block(cfg: DictConfig, overrides: list[str], targets: list[str]) -> 
     fp = {}
     for row in rows:
         fp.setdefault(row["merge"], row.pop("fp_merge"))
-    block = {"targets": targets, "bits": list(p.bits), "a_bits": p.a_bits, "fp_merge": fp, "rows": rows}
+    block = {"targets": targets, "bits": list(p.bits), "a_bits": p.a_bits, "fp_merge": fp, "rows": rows,
+             "layer_errors": layer_errors(cfg, [r for r in rows if r["quantize"] and r["w_bits"] == p.bits[-1]])}
     if p.anchor_sweep:
         block["anchor_sweep"] = {merge: [
             {"mu": float(mu), **{k: v for k, v in pmq("epmq", merge, p.bits[-1], f"pmq.params.anchor_strength={mu}",
