@@ -14,6 +14,7 @@ from hdrq_lightning.stages.common import (
     build_datamodule,
     build_task,
     build_trainer,
+    instantiate_plugin,
     load_model,
     notice,
     require_finished,
@@ -39,6 +40,8 @@ def adapt_one(cfg: DictConfig, dm, source_weights, target: str) -> dict:
         return run.metrics()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = load_model(cfg, dm.num_classes, source_weights)
+    if cfg.adapt.get("_target_"):
+        return adapt_plugin(cfg, dm, run, model, target)
     run.prepare(cfg)
     task = build_task(cfg)
     source_only = domain_accuracy(model, dm, target, task)
@@ -57,3 +60,23 @@ def adapt_one(cfg: DictConfig, dm, source_weights, target: str) -> dict:
     notice.info("adapt %s -> %s: source-only %.2f%%, adapted %.2f%%", dm.source, target, source_only, adapted)
     return run.finish({"stage": "adapt", "method": hp.method, "source": dm.source, "target": target,
                        "source_only_acc": source_only, "adapted_acc": adapted})
+
+
+def adapt_plugin(cfg: DictConfig, dm, run, model, target: str) -> dict:
+    """An adaptation plug-in (``conf/adapt/*.yaml`` with ``_target_``, e.g. HRDA): a LightningModule built from
+    ``(model=, dm=, target=)`` that serves its own training streams and says how many ``iterations`` it runs."""
+    module = instantiate_plugin(cfg.adapt, "adapt", model=model, dm=dm, target=target)
+    method = cfg.adapt._target_.rsplit(".", 1)[-1].removesuffix("Module").lower()
+    run.prepare(cfg)
+    task = build_task(cfg)
+    source_only = domain_accuracy(model, dm, target, task)
+    trainer = build_trainer(cfg, run, "adapt", tags=["adapt", method, target], max_steps=module.iterations,
+                            max_epochs=module.epochs, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, ckpt_path=resume_path(run, f"adapt/{target}"))
+    adapted = domain_accuracy(model, dm, target, task)
+    save_weights(model.state_dict(), run.weights_path, model_metadata(
+        "fp", architecture(cfg.model, dm.num_classes), stage="adapt", domain=target))
+    notice.info("adapt %s -> %s: source-only %.2f, adapted %.2f (%s)", dm.source, target, source_only, adapted,
+                task.metric_name)
+    return run.finish({"stage": "adapt", "method": method, "source": dm.source, "target": target,
+                       "metric": task.metric_name, "source_only_acc": source_only, "adapted_acc": adapted})

@@ -50,6 +50,21 @@ def build_datamodule(cfg: DictConfig):
         raise
 
 
+def instantiate_plugin(node: DictConfig, group: str, **arguments: Any):
+    """A training plug-in of ``group`` (``_target_`` + ``_partial_``) called with the stage's ``arguments``; our
+    own errors come out unwrapped, a wrong parameter as one paragraph naming the group."""
+    try:
+        factory = hydra.utils.instantiate(node, _convert_="all")
+        return factory(**arguments)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, HdrqError):
+            raise err.__cause__ from None
+        raise ConfigError(f"{group}: {node.get('_target_')} does not build from the config ({err}).") from None
+    except TypeError as err:
+        raise ConfigError(f"{group}: {node.get('_target_')} does not take these settings ({err}); check "
+                          f"conf/{group}/ against its parameters.") from None
+
+
 def build_task(cfg: DictConfig):
     """The experiment's task object (``cfg.task``: metric, loss, inference; tasks/)."""
     return hydra.utils.instantiate(cfg.task)

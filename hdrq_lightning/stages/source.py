@@ -17,6 +17,7 @@ from hdrq_lightning.stages.common import (
     build_model,
     build_task,
     build_trainer,
+    instantiate_plugin,
     notice,
     resume_path,
     stage_run,
@@ -31,6 +32,8 @@ def run_source(cfg: DictConfig) -> dict:
         return run.metrics()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg, dm.num_classes)  # a bad checkpoint path fails here, before the run dir exists
+    if cfg.source.get("_target_"):
+        return run_source_plugin(cfg, dm, run, model)
     run.prepare(cfg)
     hp = cfg.source
     module = SourceModule(model, dm.num_classes, lr=hp.lr, backbone_lr_mult=hp.backbone_lr_mult,
@@ -52,4 +55,21 @@ def run_source(cfg: DictConfig) -> dict:
         "test_acc": evaluate_domains(model, dm, [dm.source, *dm.targets], task=build_task(cfg))["per_domain"],
     }
     notice.info("source %s: test accuracy %s", dm.source, metrics["test_acc"])
+    return run.finish(metrics)
+
+
+def run_source_plugin(cfg: DictConfig, dm, run, model) -> dict:
+    """A source-training plug-in (``conf/source/*.yaml`` with ``_target_``): a LightningModule built from
+    ``(model=, dm=)`` that serves its own training data and says how many ``iterations`` it runs."""
+    module = instantiate_plugin(cfg.source, "source", model=model, dm=dm)
+    run.prepare(cfg)
+    trainer = build_trainer(cfg, run, "source", tags=["source"], max_steps=module.iterations,
+                            max_epochs=module.epochs, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, ckpt_path=resume_path(run, f"source/{dm.source}"))
+    save_weights(model.state_dict(), run.weights_path, model_metadata(
+        "fp", architecture(cfg.model, dm.num_classes), stage="source", domain=dm.source))
+    task = build_task(cfg)
+    metrics = {"stage": "source", "domain": dm.source, "metric": task.metric_name,
+               "test_acc": evaluate_domains(model, dm, [dm.source, *dm.targets], task=task)["per_domain"]}
+    notice.info("source %s: test %s %s", dm.source, task.metric_name, metrics["test_acc"])
     return run.finish(metrics)

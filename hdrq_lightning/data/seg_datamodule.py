@@ -1,0 +1,149 @@
+"""Segmentation domains as a data plug-in (``conf/data/streets.yaml``, ``conf/data/gta_cs_idd.yaml``).
+
+One interface for the built-in ``streets`` benchmark and the real GTA5 -> Cityscapes / IDD layouts: the stages
+and the evaluation ask for ``loader(domain, "test")`` (whole images through the test pipeline, labels at their own
+size), ``calibration_loader(domain, size)`` (seeded target-train crops, unlabeled) and the training streams
+``train_loader(domain, labels=...)`` (random crops and flips; a target stream never carries labels). Each training
+epoch's order and augmentation come from (seed, epoch) (``EpochSeededSampler``), so a resumed run sees the data of
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from hdrq_lightning.data.datamodule import EpochSeededSampler, _domain_rng
+from hdrq_lightning.data.joint_transforms import JointTransform, RandomCrop, RandomFlip, Resize, to_tensors
+from hdrq_lightning.data.segmentation import CITYSCAPES_CLASSES, SegmentationDataset
+from hdrq_lightning.data.streets import STREETS_CLASSES, STREETS_DOMAINS, render_streets
+from hdrq_lightning.errors import ConfigError
+
+_CALIBRATION_SALT = 11
+REAL_DOMAINS = {"gta5": ("gta5", {"train": "train"}), "cityscapes": ("cityscapes", {"train": "train", "test": "val"}),
+                "idd": ("idd", {"train": "train", "test": "val"})}
+
+
+class StreetsDomain(Dataset):
+    """One split of a streets domain through a joint transform; ``with_labels=False`` serves valid masks."""
+
+    def __init__(self, domain: str, split: str, transform: Callable | None, with_labels: bool, seed: int,
+                 cache_dir: str | None) -> None:
+        self.images, self.labels = render_streets(domain, split, seed, cache_dir)
+        self.transform, self.with_labels = transform, with_labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        image = Image.fromarray(self.images[index])
+        label = Image.fromarray(self.labels[index]) if self.with_labels else None
+        tensor, second = (self.transform or to_tensors)(image, label)
+        return tensor, second, index
+
+
+class SegmentationDataModule(L.LightningDataModule):
+    """Source and target domains of ``streets`` or of the real data sets (``name=gta_cs_idd``)."""
+
+    def __init__(self, name: str, source: str, targets: Sequence[str], num_classes: int, root: str | None = None,
+                 cache_dir: str | None = None, seed: int = 0, batch_size: int = 8, eval_batch_size: int = 16,
+                 num_workers: int = 0, crop_size: Sequence[int] = (64, 64), train_scale: Sequence[int] | None = None,
+                 test_scale: Sequence[int] | None = None, cat_max_ratio: float | None = None,
+                 calibration_size: int = 32, calibration_batch_size: int = 16,
+                 mean: Sequence[float] | None = (0.485, 0.456, 0.406),
+                 std: Sequence[float] | None = (0.229, 0.224, 0.225)) -> None:
+        super().__init__()
+        if name == "streets":
+            domains, classes = STREETS_DOMAINS, STREETS_CLASSES
+        elif name == "gta_cs_idd":
+            domains, classes = tuple(REAL_DOMAINS), CITYSCAPES_CLASSES
+            if not root:
+                raise ConfigError("data.root must point at the folder holding GTA5/, Cityscapes/ and IDD_Segmentation/ "
+                                  "(paths.data_dir or HDRQ_DATA_DIR).")
+        else:
+            raise ConfigError(f"segmentation data set {name!r} is unknown; use streets or gta_cs_idd.")
+        for domain in (source, *targets):
+            if domain not in domains:
+                raise ConfigError(f"domain {domain!r} is not one of {name}'s domains {list(domains)}.")
+        if source in targets or not targets:
+            raise ConfigError(f"data.targets {list(targets)} must be non-empty and must not contain the source.")
+        if num_classes != len(classes):
+            raise ConfigError(f"data.num_classes={num_classes} but {name} has {len(classes)} classes.")
+        self.name, self.source, self.targets = name, source, list(targets)
+        self.num_classes, self.classes = num_classes, list(classes)
+        self.root, self.seed = root, int(seed)
+        self.cache_dir = cache_dir
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.crop_size = tuple(crop_size)
+        self.train_scale = None if train_scale is None else tuple(train_scale)
+        self.test_scale = None if test_scale is None else tuple(test_scale)
+        self.cat_max_ratio, self.calibration_size = cat_max_ratio, calibration_size
+        self.calibration_batch_size = calibration_batch_size
+        self.mean, self.std = mean, std
+        self.epoch: Callable[[], int] | None = None  # set by a training module: the trainer's current epoch
+
+    # -- datasets ----------------------------------------------------------------------------------------------
+    def _transform(self, train: bool, labeled: bool) -> JointTransform:
+        ops = []
+        if train:
+            if self.train_scale is not None:
+                ops.append(Resize(self.train_scale))
+            ops += [RandomCrop(self.crop_size, self.cat_max_ratio if labeled else None), RandomFlip(0.5)]
+        elif self.test_scale is not None:
+            ops.append(Resize(self.test_scale, resize_label=False))
+        return JointTransform(ops, self.mean, self.std)
+
+    def dataset(self, domain: str, split: str, train: bool = False, labels: bool = True) -> Dataset:
+        transform = self._transform(train, labels)
+        if self.name == "streets":
+            return StreetsDomain(domain, split, transform, labels, self.seed, self.cache_dir)
+        kind, splits = REAL_DOMAINS[domain]
+        if split not in splits:
+            raise ConfigError(f"{domain} has no {split!r} split here; it has {list(splits)}.")
+        cache = Path(self.cache_dir or Path(self.root) / ".hdrq_cache")
+        return SegmentationDataset(kind, self.root, splits[split], cache, transform, with_labels=labels)
+
+    # -- loaders -----------------------------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, batch_size: int, sampler=None, drop_last: bool = False) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def loader(self, domain: str, split: str = "test", batch_size: int | None = None) -> DataLoader:
+        """Whole images of (domain, split) through the test pipeline, labelled, in order."""
+        return self._loader(self.dataset(domain, split), batch_size or self.eval_batch_size)
+
+    def train_loader(self, domain: str, labels: bool, batch_size: int | None = None) -> DataLoader:
+        """Random crops and flips of the domain's train split, an epoch-seeded order; unlabeled when ``labels``
+        is false (a target in adaptation: items are (image, valid mask, index))."""
+        dataset = self.dataset(domain, "train", train=True, labels=labels)
+        salt = _domain_rng(self.seed, 3, domain).integers(0, 2**31)
+        sampler = EpochSeededSampler(len(dataset), int(salt), epoch=self.epoch)
+        return self._loader(dataset, batch_size or self.batch_size, sampler, drop_last=True)
+
+    def calibration_loader(self, domain: str, size: int | None = None, batch_size: int | None = None,
+                           seed: int | None = None) -> DataLoader:
+        """``size`` seeded target-train crops (the train pipeline: crop and flip, drawn from a fixed generator),
+        unlabeled, in a fixed order: the reconstruction's and GPTQ's calibration data."""
+        size = self.calibration_size if size is None else size
+        dataset = self.dataset(domain, "train", train=True, labels=False)
+        rng = _domain_rng(self.seed if seed is None else seed, _CALIBRATION_SALT, domain)
+        chosen = rng.permutation(len(dataset))[:size]
+        state = torch.get_rng_state()
+        torch.manual_seed(int(rng.integers(0, 2**31)))
+        try:  # materialised now, so the crops do not depend on when or how often the loader is iterated
+            items = [dataset[int(i)] for i in chosen]
+        finally:
+            torch.set_rng_state(state)
+        images = torch.stack([item[0] for item in items])
+        masks = torch.stack([item[1] for item in items])
+        tensors = torch.utils.data.TensorDataset(images, masks, torch.arange(len(items)))
+        return DataLoader(tensors, batch_size=batch_size or self.calibration_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self.loader(domain, "test") for domain in self.targets]
+
