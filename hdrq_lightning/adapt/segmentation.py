@@ -8,21 +8,23 @@ teacher (``alpha_t = min(1 - 1/(t+1), ema_alpha)``, parameters only, BatchNorm i
 per batch by the share of pixels at least ``pseudo_threshold`` confident; ClassMix pastes half of the source classes
 onto the target image (classes drawn from the whole batch, the official behaviour, or per image); colour jitter
 and blur on the mixed image; the loss is the mean over all pixels (ignored ones count as 0, as mmseg). AdamW with
-the head at x``head_lr_mult``, no decay on norms and biases, linear warm-up then poly decay. The teacher and the
-step counter are in the checkpoint, so a resumed run continues the EMA. Not built yet: rare-class sampling and the
-ImageNet feature distance (the built-in benchmark has no ImageNet weights); both are off in the paper's ablations'
-"without" rows.
+the head at x``head_lr_mult``, no decay on norms and biases, linear warm-up then poly decay. Manual optimization
+as the official code: the source loss (+ the feature distance) is backpropagated before the mixed image's forward,
+so the two graphs never coexist, then one AdamW step. The teacher and the step counter are in the checkpoint, so a
+resumed run continues the EMA; every random draw of a step (detail boxes, ClassMix classes, jitter, blur) comes from
+(seed, step). Optional: the ImageNet feature distance on thing classes (``feature_distance`` > 0, needs the
+ImageNet weights of the encoder: ``model.checkpoint_path``), pseudo-label margins (``pseudo_margins``), bf16
+autocast. Not built yet: rare-class sampling, and activation checkpointing (a recomputed BatchNorm in train mode
+would update its running statistics twice; it needs a BN-aware checkpoint).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor, nn
 
 from hdrq_lightning.data.joint_transforms import rescale_logits
@@ -79,8 +81,10 @@ def multires_loss(model: nn.Module, images: Tensor, labels: Tensor, weights: Ten
 
 class _Base(L.LightningModule):
     def __init__(self, model: nn.Module, dm, iterations: int, lr: float, head_lr_mult: float, weight_decay: float,
-                 warmup: int, context_scale: float, detail_size: tuple[int, int], detail_weight: float) -> None:
+                 warmup: int, context_scale: float, detail_size: tuple[int, int], detail_weight: float,
+                 seed: int = 0) -> None:
         super().__init__()
+        self.seed = int(seed)
         if iterations < 1:
             raise ConfigError(f"iterations={iterations} must be positive.")
         self.model, self.dm = model, dm
@@ -88,21 +92,15 @@ class _Base(L.LightningModule):
         self.weight_decay, self.warmup = weight_decay, warmup
         self.context_scale, self.detail_size, self.detail_weight = context_scale, tuple(detail_size), detail_weight
 
-    @property
-    def epochs(self) -> int:
-        """Epochs of the longest training stream that cover ``iterations`` steps (the Trainer stops at
-        ``max_steps``)."""
-        return math.ceil(self.iterations / max(1, self.steps_per_epoch()))
-
-    def steps_per_epoch(self) -> int:
-        raise NotImplementedError
+    epochs = 1  # one pass over the step-indexed batches, ended by max_steps (data/seg_datamodule.py::StepBatches)
 
     def configure_optimizers(self):
         return segmentation_optimizer(self.model, self.lr, self.head_lr_mult, self.weight_decay, self.warmup,
                                       self.iterations)
 
-    def _epoch(self) -> int:
-        return self.trainer.current_epoch if self._trainer is not None else 0
+    def reseed(self) -> None:
+        """The global generators from (seed, step): a step's random draws do not depend on what ran before."""
+        torch.manual_seed((self.seed * 1_000_003 + int(self.global_step) * 7_919 + 29) % 2**63)
 
 
 class SegSourceModule(_Base):
@@ -112,17 +110,16 @@ class SegSourceModule(_Base):
                  weight_decay: float = 0.01, warmup: int = 20, context_scale: float = 0.5,
                  detail_size: tuple[int, int] = (32, 32), detail_weight: float = 0.1) -> None:
         super().__init__(model, dm, iterations, lr, head_lr_mult, weight_decay, warmup, context_scale, detail_size,
-                         detail_weight)
-
-    def steps_per_epoch(self) -> int:
-        return len(self.dm.dataset(self.dm.source, "train", train=True)) // self.dm.batch_size
+                         detail_weight, seed=dm.seed)
 
     def train_dataloader(self):
-        self.dm.epoch = self._epoch
-        return self.dm.train_loader(self.dm.source, labels=True)
+        # read when iteration starts (after a checkpoint's step is restored): a resumed run continues there
+        return self.dm.step_loader({"source": (self.dm.source, True)}, self.iterations,
+                                   start=lambda: self.global_step)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        images, labels, _ = batch
+        self.reseed()
+        images, labels, _ = batch["source"]
         loss = multires_loss(self.model, images, labels, None, self.context_scale, self.detail_size,
                              self.detail_weight)
         self.log("source/train/loss", loss, prog_bar=True)
@@ -152,6 +149,9 @@ def _color_jitter(images: Tensor, mean: Tensor, std: Tensor, strength: float, bl
     return (x.clamp(0, 1) - mean) / std
 
 
+THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)  # Cityscapes trainIds of things (HRDA's FD classes)
+
+
 class HrdaModule(_Base):
     """HRDA self-training of the source model on one target (module docstring)."""
 
@@ -160,58 +160,94 @@ class HrdaModule(_Base):
                  pseudo_threshold: float = 0.968, context_scale: float = 0.5, detail_size: tuple[int, int] = (32, 32),
                  detail_stride: tuple[int, int] = (16, 16), detail_weight: float = 0.1, classes_from: str = "batch",
                  teacher_bn: str = "train", jitter_prob: float = 0.8, jitter_strength: float = 0.2,
-                 blur_prob: float = 0.5) -> None:
+                 blur_prob: float = 0.5, pseudo_margins: dict[str, list[int]] | None = None,
+                 feature_distance: float = 0.0, thing_classes: tuple[int, ...] = THING_CLASSES,
+                 reference: nn.Module | None = None, bf16: bool = False) -> None:
         super().__init__(model, dm, iterations, lr, head_lr_mult, weight_decay, warmup, context_scale, detail_size,
-                         detail_weight)
+                         detail_weight, seed=dm.seed)
         if classes_from not in ("batch", "image") or teacher_bn not in ("train", "eval"):
             raise ConfigError(f"adapt.classes_from={classes_from!r} (batch | image) or adapt.teacher_bn="
                               f"{teacher_bn!r} (train | eval) is unknown.")
         if not 0 <= ema_alpha < 1:
             raise ConfigError(f"adapt.ema_alpha={ema_alpha} must lie in [0, 1).")
+        if feature_distance > 0 and reference is None:
+            raise ConfigError("adapt.feature_distance > 0 needs the ImageNet-initialised network as reference: set "
+                              "model.pretrained=true model.checkpoint_path=<local encoder weights>, or set "
+                              "adapt.feature_distance=0.")
+        self.automatic_optimization = False
         self.target, self.ema_alpha, self.pseudo_threshold = target, ema_alpha, pseudo_threshold
         self.detail_stride, self.classes_from, self.teacher_bn = tuple(detail_stride), classes_from, teacher_bn
         self.jitter_prob, self.jitter_strength, self.blur_prob = jitter_prob, jitter_strength, blur_prob
+        margins = (pseudo_margins or {}).get(target)
+        self.margins = None if margins is None else tuple(int(m) for m in margins)  # top, bottom, left, right
+        self.feature_distance, self.thing_classes = feature_distance, tuple(thing_classes)
+        self.reference = None if reference is None else reference.requires_grad_(False).eval()
+        self.bf16 = bf16
         self.teacher = copy.deepcopy(model).requires_grad_(False)
         mean = torch.tensor(dm.mean if dm.mean is not None else (0.0, 0.0, 0.0)).view(1, 3, 1, 1)
         std = torch.tensor(dm.std if dm.std is not None else (1.0, 1.0, 1.0)).view(1, 3, 1, 1)
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
 
-    def steps_per_epoch(self) -> int:
-        sizes = [len(self.dm.dataset(domain, "train", train=True, labels=False)) for domain in
-                 (self.dm.source, self.target)]
-        return max(sizes) // self.dm.batch_size
-
     def train_dataloader(self):
-        self.dm.epoch = self._epoch
-        return CombinedLoader({"source": self.dm.train_loader(self.dm.source, labels=True),
-                               "target": self.dm.train_loader(self.target, labels=False)}, mode="max_size_cycle")
+        # read when iteration starts (after a checkpoint's step is restored): a resumed run continues there
+        return self.dm.step_loader({"source": (self.dm.source, True), "target": (self.target, False)},
+                                   self.iterations, start=lambda: self.global_step)
+
+    def state_dict(self, *args, **kwargs):  # the reference network is rebuilt from its weight file, not saved
+        state = super().state_dict(*args, **kwargs)
+        return {k: v for k, v in state.items() if not k.startswith("reference.")} if isinstance(state, dict) else state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if self.reference is not None:
+            state_dict = {**state_dict, **{f"reference.{k}": v for k, v in self.reference.state_dict().items()}}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @staticmethod
+    def ema_alpha_at(step: int, ema_alpha: float) -> float:
+        return min(1 - 1 / (step + 1), ema_alpha)
 
     @torch.no_grad()
-    def _update_teacher(self) -> None:
+    def update_teacher(self) -> None:
+        """teacher <- alpha teacher + (1 - alpha) student (parameters only), alpha = min(1 - 1/(t+1), ema_alpha);
+        from the second step on (the teacher starts as the student)."""
         step = self.global_step
         if step == 0:
             return
-        alpha = min(1 - 1 / (step + 1), self.ema_alpha)
+        alpha = self.ema_alpha_at(step, self.ema_alpha)
         for teacher, student in zip(self.teacher.parameters(), self.model.parameters()):
             teacher.mul_(alpha).add_(student.detach(), alpha=1 - alpha)
 
     @torch.no_grad()
-    def _pseudo_labels(self, images: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    def pseudo_labels(self, images: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """(pseudo labels, per-pixel weights): the teacher's argmax; the weight is one number per batch, the share
+        of valid pixels whose top probability reaches ``pseudo_threshold`` (0 on padding and in the margins)."""
         self.teacher.train(self.teacher_bn == "train")
         for module in self.teacher.modules():  # dropout off, BatchNorm as chosen
             if isinstance(module, nn.Dropout | nn.Dropout2d):
                 module.eval()
-        logits = multires_inference(self.teacher, images, self.context_scale, self.detail_size, self.detail_stride)
-        probabilities = torch.softmax(rescale_logits(logits, tuple(images.shape[-2:])), dim=1)
+        with self._autocast():
+            logits = multires_inference(self.teacher, images, self.context_scale, self.detail_size,
+                                        self.detail_stride)
+        probabilities = torch.softmax(rescale_logits(logits.float(), tuple(images.shape[-2:])), dim=1)
         confidence, labels = probabilities.max(dim=1)
         share = ((confidence >= self.pseudo_threshold) & valid).sum() / valid.numel()
+        weights = share * valid.float()
+        if self.margins is not None:
+            top, bottom, left, right = self.margins
+            height, width = weights.shape[-2:]
+            weights[:, :top] = 0
+            weights[:, max(0, height - bottom):] = 0
+            weights[:, :, :left] = 0
+            weights[:, :, max(0, width - right):] = 0
         labels = torch.where(valid, labels, torch.full_like(labels, IGNORE_INDEX))
-        return labels, share * valid.float()
+        return labels, weights
 
-    def _class_masks(self, labels: Tensor) -> Tensor:
+    def class_masks(self, labels: Tensor) -> Tensor:
+        """ClassMix: per image, the pixels of half (rounded up) of the classes, drawn from the classes of the whole
+        batch (255 included, the official code) or of the image (``classes_from=image``)."""
         masks = []
-        batch_classes = torch.unique(labels)  # the official quirk: classes of the whole batch, 255 included
+        batch_classes = torch.unique(labels)
         for image_labels in labels:
             classes = batch_classes if self.classes_from == "batch" else torch.unique(
                 image_labels[image_labels != IGNORE_INDEX])
@@ -219,22 +255,48 @@ class HrdaModule(_Base):
             masks.append(torch.isin(image_labels, chosen))
         return torch.stack(masks)
 
-    def training_step(self, batch, batch_idx: int) -> Tensor:
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _feature_distance(self, images: Tensor, labels: Tensor) -> Tensor:
+        """lambda x mean squared L2 distance between the student's and the ImageNet network's last encoder level
+        on the context-scale source image, over the feature cells whose label (downscaled) is a thing class."""
+        context = F.interpolate(images, scale_factor=self.context_scale, mode="bilinear", align_corners=False)
+        student = self.model.features(context)[-1]
+        with torch.no_grad():
+            reference = self.reference.features(context)[-1]
+        distance = (student - reference).pow(2).sum(1).sqrt()  # [N, h, w]
+        small = F.interpolate(labels[:, None].float(), size=distance.shape[-2:], mode="nearest")[:, 0].long()
+        things = torch.isin(small, torch.tensor(self.thing_classes, device=small.device))
+        if not things.any():
+            return distance.sum() * 0
+        return self.feature_distance * distance[things].mean()
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        self.reseed()
         (source_images, source_labels, _), (target_images, valid, _) = batch["source"], batch["target"]
-        self._update_teacher()
-        source_loss = multires_loss(self.model, source_images, source_labels, None, self.context_scale,
-                                    self.detail_size, self.detail_weight)
-        pseudo, weights = self._pseudo_labels(target_images, valid)
-        mask = self._class_masks(source_labels)
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        optimizer.zero_grad(set_to_none=True)
+        self.update_teacher()
+        with self._autocast():
+            source_loss = multires_loss(self.model, source_images, source_labels, None, self.context_scale,
+                                        self.detail_size, self.detail_weight)
+            if self.feature_distance > 0:
+                source_loss = source_loss + self._feature_distance(source_images, source_labels)
+        self.manual_backward(source_loss)  # the source graph is freed before the mixed image's forward
+        pseudo, weights = self.pseudo_labels(target_images, valid)
+        mask = self.class_masks(source_labels)
         mixed = torch.where(mask[:, None], source_images, target_images)
         mixed_labels = torch.where(mask, source_labels, pseudo)
         mixed_weights = torch.where(mask, torch.ones_like(weights), weights)
         if float(torch.rand(())) < self.jitter_prob:
             sigma = 0.15 + float(torch.rand(())) if float(torch.rand(())) < self.blur_prob else None
             mixed = _color_jitter(mixed, self.pixel_mean, self.pixel_std, self.jitter_strength, sigma)
-        mixed_loss = multires_loss(self.model, mixed, mixed_labels, mixed_weights, self.context_scale,
-                                   self.detail_size, self.detail_weight)
-        loss = source_loss + mixed_loss
-        self.log_dict({"adapt/train/source_loss": source_loss, "adapt/train/mixed_loss": mixed_loss,
+        with self._autocast():
+            mixed_loss = multires_loss(self.model, mixed, mixed_labels, mixed_weights, self.context_scale,
+                                       self.detail_size, self.detail_weight)
+        self.manual_backward(mixed_loss)
+        optimizer.step()
+        scheduler.step()
+        self.log_dict({"adapt/train/source_loss": source_loss.detach(), "adapt/train/mixed_loss": mixed_loss.detach(),
                        "adapt/train/pseudo_weight": weights.max()}, prog_bar=True)
-        return loss

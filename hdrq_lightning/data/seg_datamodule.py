@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from hdrq_lightning.data.datamodule import EpochSeededSampler, _domain_rng
 from hdrq_lightning.data.joint_transforms import JointTransform, RandomCrop, RandomFlip, Resize, to_tensors
@@ -45,6 +45,44 @@ class StreetsDomain(Dataset):
         label = Image.fromarray(self.labels[index]) if self.with_labels else None
         tensor, second = (self.transform or to_tensors)(image, label)
         return tensor, second, index
+
+
+def step_seed(seed: int, step: int, salt: int) -> int:
+    return (int(seed) * 1_000_003 + int(step) * 7_919 + int(salt) * 104_729 + 13) % 2**63
+
+
+class StepBatches(IterableDataset):
+    """Training batches indexed by step: batch ``t`` draws its images of each stream and their crops and flips
+    from (seed, t) alone, so any step's data is known without the ones before it. Iteration starts at ``start()``
+    (read when iteration begins: a resumed run's restored step) and runs until ``iterations``; with worker
+    processes, worker w yields steps start + w, start + w + W, ... (DataLoader interleaves them back in order).
+    An iterable without a length, so Lightning does not try to replay a resumed epoch's position itself.
+    Items are dicts {stream: (images, labels or valid masks, indices)}."""
+
+    def __init__(self, streams: dict[str, Dataset], batch_size: int, iterations: int, start: Callable[[], int],
+                 seed: int) -> None:
+        self.streams, self.batch_size = streams, batch_size
+        self.iterations, self.start, self.seed = iterations, start, seed
+
+    def batch(self, step: int) -> dict:
+        out = {}
+        for salt, (name, dataset) in enumerate(self.streams.items()):
+            generator = torch.Generator().manual_seed(step_seed(self.seed, step, salt))
+            indices = torch.randint(0, len(dataset), (self.batch_size,), generator=generator)
+            state = torch.get_rng_state()
+            torch.manual_seed(step_seed(self.seed, step, salt + 100))  # the transforms' crops and flips
+            try:
+                items = [dataset[int(i)] for i in indices]
+            finally:
+                torch.set_rng_state(state)
+            out[name] = (torch.stack([a for a, _, _ in items]), torch.stack([b for _, b, _ in items]), indices)
+        return out
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for step in range(int(self.start()) + worker, self.iterations, workers):
+            yield self.batch(step)
 
 
 class SegmentationDataModule(L.LightningDataModule):
@@ -124,6 +162,16 @@ class SegmentationDataModule(L.LightningDataModule):
         salt = _domain_rng(self.seed, 3, domain).integers(0, 2**31)
         sampler = EpochSeededSampler(len(dataset), int(salt), epoch=self.epoch)
         return self._loader(dataset, batch_size or self.batch_size, sampler, drop_last=True)
+
+    def step_loader(self, streams: dict[str, tuple[str, bool]], iterations: int, start: Callable[[], int] = lambda: 0,
+                    batch_size: int | None = None) -> DataLoader:
+        """Batches for steps ``start() .. iterations - 1`` of named streams {name: (domain, with labels)}: a
+        target stream never carries labels (``StepBatches``)."""
+        datasets = {name: self.dataset(domain, "train", train=True, labels=labels)
+                    for name, (domain, labels) in streams.items()}
+        return DataLoader(StepBatches(datasets, batch_size or self.batch_size, iterations, start, self.seed),
+                          batch_size=None, shuffle=False, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
 
     def calibration_loader(self, domain: str, size: int | None = None, batch_size: int | None = None,
                            seed: int | None = None) -> DataLoader:

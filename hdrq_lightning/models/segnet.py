@@ -123,3 +123,46 @@ def build_segnet(backbone: str, num_classes: int, embed_dim: int = 786, fuse_dim
                  pretrained: bool = False, checkpoint_path: str | None = None) -> SegNet:
     encoder = build_encoder(backbone, output_stride, pretrained, checkpoint_path)
     return SegNet(encoder, num_classes, embed_dim, fuse_dim, attention_dim, dropout)
+
+
+# The official HDRQ / HRDA checkpoints (mmcv): student keys under "model." (or none), their SegNet names.
+_MMCV_STEM = {"0": "conv1.0", "1": "conv1.1", "3": "conv1.3", "4": "conv1.4", "6": "conv1.6", "7": "bn1"}
+_MMCV_IGNORED = ("ema_model.", "imnet_model.")
+
+
+def mmcv_key(key: str) -> str | None:
+    """The SegNet key of an mmcv (mmseg HRDA) state-dict key, None for keys that are not the student's."""
+    if key.startswith(_MMCV_IGNORED):
+        return None
+    key = key.removeprefix("model.")
+    if key.startswith("backbone.stem."):
+        index, rest = key.removeprefix("backbone.stem.").split(".", 1)
+        if index not in _MMCV_STEM:
+            raise ConfigError(f"unexpected mmcv stem key {key!r} (a ResNetV1c deep stem has convs 0/3/6, BNs 1/4/7)")
+        return f"encoder.model.{_MMCV_STEM[index]}.{rest}"
+    if key.startswith("backbone."):
+        return "encoder.model." + key.removeprefix("backbone.")
+    for prefix, target in (("decode_head.head.", "head."), ("decode_head.scale_attention.", "attention_head.")):
+        if key.startswith(prefix):
+            rest = key.removeprefix(prefix)
+            if rest.startswith("embed_layers."):
+                index, tail = rest.removeprefix("embed_layers.").split(".", 1)
+                return f"{target}embed.{index}.{tail.removeprefix('proj.')}"
+            if rest.startswith("fuse_layer."):
+                part, tail = rest.removeprefix("fuse_layer.").split(".", 1)
+                return f"{target}fuse.{'0' if part == 'conv' else '1'}.{tail}"
+            if rest.startswith("conv_seg."):
+                return f"{target}classifier.{rest.removeprefix('conv_seg.')}"
+    raise ConfigError(f"mmcv key {key!r} has no SegNet counterpart; is this an HRDA/DAFormer ResNet checkpoint "
+                      "(decode_head = HRDAHead over DAFormerHead with mlp embeddings)?")
+
+
+def import_mmcv_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """An official mmcv checkpoint's ``state_dict`` (the student's weights) as SegNet keys."""
+    state = state.get("state_dict", state)
+    out = {}
+    for key, value in state.items():
+        name = mmcv_key(key)
+        if name is not None:
+            out[name] = value
+    return out

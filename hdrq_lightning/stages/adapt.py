@@ -12,6 +12,7 @@ from hdrq_lightning.models.build import architecture
 from hdrq_lightning.models.io import model_metadata
 from hdrq_lightning.stages.common import (
     build_datamodule,
+    build_model,
     build_task,
     build_trainer,
     instantiate_plugin,
@@ -21,6 +22,7 @@ from hdrq_lightning.stages.common import (
     resume_path,
     stage_run,
     start_fresh_if_forced,
+    step_checkpoint,
 )
 
 
@@ -65,13 +67,17 @@ def adapt_one(cfg: DictConfig, dm, source_weights, target: str) -> dict:
 def adapt_plugin(cfg: DictConfig, dm, run, model, target: str) -> dict:
     """An adaptation plug-in (``conf/adapt/*.yaml`` with ``_target_``, e.g. HRDA): a LightningModule built from
     ``(model=, dm=, target=)`` that serves its own training streams and says how many ``iterations`` it runs."""
-    module = instantiate_plugin(cfg.adapt, "adapt", model=model, dm=dm, target=target)
+    extra = {}
+    if cfg.adapt.get("feature_distance", 0) > 0:  # HRDA's FD: the ImageNet-initialised network as reference
+        extra["reference"] = build_model(cfg, dm.num_classes).eval()
+    module = instantiate_plugin(cfg.adapt, "adapt", model=model, dm=dm, target=target, **extra)
     method = cfg.adapt._target_.rsplit(".", 1)[-1].removesuffix("Module").lower()
     run.prepare(cfg)
     task = build_task(cfg)
     source_only = domain_accuracy(model, dm, target, task)
     trainer = build_trainer(cfg, run, "adapt", tags=["adapt", method, target], max_steps=module.iterations,
-                            max_epochs=module.epochs, limit_val_batches=0, num_sanity_val_steps=0)
+                            max_epochs=module.epochs, limit_val_batches=0, num_sanity_val_steps=0,
+                            checkpoint=step_checkpoint(run.checkpoint_dir, cfg.adapt.get("checkpoint_every", 50)))
     trainer.fit(module, ckpt_path=resume_path(run, f"adapt/{target}"))
     adapted = domain_accuracy(model, dm, target, task)
     save_weights(model.state_dict(), run.weights_path, model_metadata(

@@ -50,11 +50,16 @@ def build_datamodule(cfg: DictConfig):
         raise
 
 
+# keys of a training plug-in's node that the stage reads (how often to checkpoint), not the module
+STAGE_LEVEL_KEYS = ("checkpoint_every",)
+
+
 def instantiate_plugin(node: DictConfig, group: str, **arguments: Any):
     """A training plug-in of ``group`` (``_target_`` + ``_partial_``) called with the stage's ``arguments``; our
     own errors come out unwrapped, a wrong parameter as one paragraph naming the group."""
+    settings = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in STAGE_LEVEL_KEYS}
     try:
-        factory = hydra.utils.instantiate(node, _convert_="all")
+        factory = hydra.utils.instantiate(settings, _convert_="all")
         return factory(**arguments)
     except InstantiationException as err:
         if isinstance(err.__cause__, HdrqError):
@@ -151,6 +156,13 @@ def epoch_checkpoint(dirpath: Path | str) -> ModelCheckpoint:
     """
     return ModelCheckpoint(dirpath=dirpath, filename="last", save_top_k=1, save_last=False, every_n_epochs=1,
                            save_on_train_epoch_end=True, enable_version_counter=False)
+
+
+def step_checkpoint(dirpath: Path | str, every: int) -> ModelCheckpoint:
+    """``last.ckpt`` rewritten every ``every`` optimizer steps (training plug-ins that run a fixed number of
+    steps in one pass over step-indexed batches resume from any of them)."""
+    return ModelCheckpoint(dirpath=dirpath, filename="last", save_top_k=1, save_last=False, every_n_train_steps=every,
+                           save_on_train_epoch_end=False, enable_version_counter=False)
 
 
 class FinishWandbRun(Callback):

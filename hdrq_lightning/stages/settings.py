@@ -20,7 +20,8 @@ from hdrq_lightning.errors import ArtifactError
 # Data keys that change what a model learns or is scored on; batch sizes, workers and the data root do not.
 DATA_IDENTITY_KEYS = ("name", "source", "seed", "image_size", "resize_size", "val_fraction", "transductive")
 # Keys inside the groups below that say how a stage runs, not what it computes (a resumed run may change them).
-RUNTIME_KEYS = ("quant.runtime", "quant.checkpoint_every", "pmq.chunk")
+RUNTIME_KEYS = ("quant.runtime", "quant.checkpoint_every", "pmq.chunk", "source.checkpoint_every",
+                "adapt.checkpoint_every")
 
 _TRAINED = ("seed", "model", "source")
 # stage dir -> (config groups or keys, whether the data's target list matters)

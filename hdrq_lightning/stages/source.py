@@ -22,6 +22,7 @@ from hdrq_lightning.stages.common import (
     resume_path,
     stage_run,
     start_fresh_if_forced,
+    step_checkpoint,
 )
 
 
@@ -64,7 +65,8 @@ def run_source_plugin(cfg: DictConfig, dm, run, model) -> dict:
     module = instantiate_plugin(cfg.source, "source", model=model, dm=dm)
     run.prepare(cfg)
     trainer = build_trainer(cfg, run, "source", tags=["source"], max_steps=module.iterations,
-                            max_epochs=module.epochs, limit_val_batches=0, num_sanity_val_steps=0)
+                            max_epochs=module.epochs, limit_val_batches=0, num_sanity_val_steps=0,
+                            checkpoint=step_checkpoint(run.checkpoint_dir, cfg.source.get("checkpoint_every", 50)))
     trainer.fit(module, ckpt_path=resume_path(run, f"source/{dm.source}"))
     save_weights(model.state_dict(), run.weights_path, model_metadata(
         "fp", architecture(cfg.model, dm.num_classes), stage="source", domain=dm.source))
