@@ -51,7 +51,8 @@ def test_merge_groups_build_methods(compose_cfg, merge):
 def test_model_groups_build(compose_cfg, model):
     cfg = compose_cfg("source", f"model={model}")
     net = build_model(cfg, num_classes=5)
-    assert net.classifier.out_features == 5
+    classifier = net.classifier if hasattr(net, "classifier") else net.head.classifier  # SHOT net / SegNet
+    assert (getattr(classifier, "out_features", None) or classifier.out_channels) == 5
     # the architecture the compile-ahead worker and model files rebuild from: the same parameters, by name and shape
     twin = build_from_config(architecture(cfg.model, 5))
     assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
@@ -78,8 +79,15 @@ def test_digits_datamodule_instantiates(compose_cfg):
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
-def test_experiments_compose(compose_cfg, experiment):
-    cfg = compose_cfg("pipeline", f"experiment={experiment}")
+def test_experiments_compose(tmp_path, monkeypatch, experiment):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from tiny import CONF_DIR
+
+    monkeypatch.setenv("HDRQ_RUNS_DIR", str(tmp_path))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):  # each experiment as it ships
+        cfg = compose("config", overrides=["stage=pipeline", f"experiment={experiment}"])
     assert cfg.name
     OmegaConf.to_container(cfg, resolve=True)
 
@@ -98,7 +106,7 @@ def _hdrq(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_cli_lists_stages_and_prints_config(tmp_path):
     out = _hdrq("--help", cwd=tmp_path)
     assert out.returncode == 0
-    for stage in ("source", "adapt", "quantize", "merge", "evaluate", "analyze", "pipeline"):
+    for stage in ("source", "adapt", "quantize", "merge", "pmq", "evaluate", "analyze", "pipeline"):
         assert stage in out.stdout
     out = _hdrq("quantize", "quant=qdrop", "quant.w_bits=3", "--cfg", "job", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -115,6 +123,11 @@ def test_cli_bad_input_is_one_paragraph(tmp_path):
     assert "error: hdrq source:" in out.stderr
     out = _hdrq("quantize", "quant.w_bits=12", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "2 to 8" in out.stderr
+    # the segmentation data: a missing root names the expected tree, before any run dir exists
+    out = _hdrq("adapt", "experiment=gta_cs_idd", f"data.root={tmp_path / 'nowhere'}", f"paths.runs_dir={tmp_path}",
+                cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "<root>/GTA5/images" in out.stderr
+    assert not (tmp_path / "gta_cs_idd" / "adapt").exists() and not (tmp_path / "gta_cs_idd" / "source").exists()
     out = _hdrq("frobnicate", cwd=tmp_path)
     assert out.returncode == 2 and "unknown stage" in out.stderr
     # every DDP rank would run every stage: the error says how to run the reconstructions data-parallel
@@ -136,5 +149,6 @@ def test_hydra_flags_go_before_the_overrides():
 def test_task_groups_build(compose_cfg, task):
     from hydra.utils import instantiate
 
-    built = instantiate(compose_cfg("evaluate", f"task={task}").task)
+    data = ["data=streets"] if task == "segmentation" else []  # its number of classes is the data's
+    built = instantiate(compose_cfg("evaluate", f"task={task}", *data).task)
     assert built.metric_name and callable(built.metric) and callable(built.loss)

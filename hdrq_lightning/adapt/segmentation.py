@@ -85,8 +85,9 @@ class _Base(L.LightningModule):
                  seed: int = 0) -> None:
         super().__init__()
         self.seed = int(seed)
-        if iterations < 1:
-            raise ConfigError(f"iterations={iterations} must be positive.")
+        if iterations < 0:
+            raise ConfigError(f"iterations={iterations} must be >= 0 (0: a source stage that only writes the "
+                              "initial network, the paper's shared start).")
         self.model, self.dm = model, dm
         self.iterations, self.lr, self.head_lr_mult = iterations, lr, head_lr_mult
         self.weight_decay, self.warmup = weight_decay, warmup

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from hdrq_lightning.data.datamodule import EpochSeededSampler, _domain_rng
 from hdrq_lightning.data.joint_transforms import JointTransform, RandomCrop, RandomFlip, Resize, to_tensors
-from hdrq_lightning.data.segmentation import CITYSCAPES_CLASSES, SegmentationDataset
+from hdrq_lightning.data.segmentation import CITYSCAPES_CLASSES, SegmentationDataset, check_layout
 from hdrq_lightning.data.streets import STREETS_CLASSES, STREETS_DOMAINS, render_streets
 from hdrq_lightning.errors import ConfigError
 
@@ -124,6 +124,14 @@ class SegmentationDataModule(L.LightningDataModule):
         self.calibration_batch_size = calibration_batch_size
         self.mean, self.std = mean, std
         self.epoch: Callable[[], int] | None = None  # set by a training module: the trainer's current epoch
+        if name == "gta_cs_idd":  # a missing root or split is reported before anything runs
+            for domain in (source, *targets):
+                kind, splits = REAL_DOMAINS[domain]
+                for split in splits.values():
+                    check_layout(kind, root, split)
+
+    def has_split(self, domain: str, split: str) -> bool:
+        return self.name == "streets" or split in REAL_DOMAINS[domain][1]
 
     # -- datasets ----------------------------------------------------------------------------------------------
     def _transform(self, train: bool, labeled: bool) -> JointTransform:

@@ -88,6 +88,20 @@ def _folder(dataset: str) -> str:
     return {"gta5": "GTA5", "cityscapes": "Cityscapes", "idd": "IDD_Segmentation"}[dataset]
 
 
+def check_layout(dataset: str, root: str | os.PathLike, split: str) -> None:
+    """The folders of ``dataset``'s ``split`` exist (cheap: no file is listed); else the one-paragraph error."""
+    if dataset not in _LAYOUTS:
+        raise DataError(f"segmentation data set {dataset!r} is unknown; use one of {sorted(_LAYOUTS)}.")
+    if split not in SPLITS[dataset]:
+        raise DataError(f"{dataset} has no split {split!r}; it has {list(SPLITS[dataset])}.")
+    base = Path(root) / _folder(dataset)
+    folders = ([base / "images", base / "labels"] if dataset == "gta5"
+               else [base / "leftImg8bit" / split, base / "gtFine" / split])
+    for folder in (base, *folders):
+        if not folder.is_dir():
+            raise _layout_error(dataset, Path(root), f"the folder {folder} does not exist")
+
+
 def list_samples(dataset: str, root: str | os.PathLike, split: str) -> list[Sample]:
     """The (image, label) pairs of ``dataset``'s ``split`` under ``root``, sorted; a missing folder, split or
     label file is a one-paragraph DataError showing the expected tree."""

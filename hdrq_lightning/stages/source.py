@@ -67,11 +67,13 @@ def run_source_plugin(cfg: DictConfig, dm, run, model) -> dict:
     trainer = build_trainer(cfg, run, "source", tags=["source"], max_steps=module.iterations,
                             max_epochs=module.epochs, limit_val_batches=0, num_sanity_val_steps=0,
                             checkpoint=step_checkpoint(run.checkpoint_dir, cfg.source.get("checkpoint_every", 50)))
-    trainer.fit(module, ckpt_path=resume_path(run, f"source/{dm.source}"))
+    if module.iterations > 0:  # 0: the shared start (initial weights) without training
+        trainer.fit(module, ckpt_path=resume_path(run, f"source/{dm.source}"))
     save_weights(model.state_dict(), run.weights_path, model_metadata(
         "fp", architecture(cfg.model, dm.num_classes), stage="source", domain=dm.source))
     task = build_task(cfg)
     metrics = {"stage": "source", "domain": dm.source, "metric": task.metric_name,
-               "test_acc": evaluate_domains(model, dm, [dm.source, *dm.targets], task=task)["per_domain"]}
+               "test_acc": evaluate_domains(model, dm, [d for d in (dm.source, *dm.targets)
+                                                         if dm.has_split(d, "test")], task=task)["per_domain"]}
     notice.info("source %s: test %s %s", dm.source, task.metric_name, metrics["test_acc"])
     return run.finish(metrics)
