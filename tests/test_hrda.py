@@ -170,3 +170,21 @@ def test_mmcv_import_round_trip():
         mmcv_key("model.decode_head.aux.conv_seg.weight")
     with torch.no_grad():
         assert math.isfinite(float(fresh(torch.randn(1, 3, 32, 32)).sum()))
+
+
+def test_rare_class_sampling_follows_the_softmax_of_rarity():
+    import numpy as np
+
+    from hdrq_lightning.data.seg_datamodule import RareClassSampler
+
+    counts = np.array([[9000, 100, 0], [9000, 0, 50], [8000, 400, 0], [9000, 0, 0]])  # class 0 common, 1 and 2 rare
+    sampler = RareClassSampler(counts, temperature=0.01, min_pixels=60)
+    frequency = counts.sum(0) / counts.sum()
+    assert list(sampler.classes) == [0, 1]  # class 2 never reaches 60 pixels in an image
+    logits = (1 - frequency[[0, 1]]) / 0.01
+    expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    assert np.allclose(sampler.probabilities, expected)
+    generator = torch.Generator().manual_seed(0)
+    draws = [sampler.sample(generator) for _ in range(400)]
+    assert all(index in (0, 2) for c, index in draws if c == 1)  # images holding > 60 pixels of class 1
+    assert sum(c == 1 for c, _ in draws) > 390  # the rare class dominates at T = 0.01

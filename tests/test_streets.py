@@ -17,7 +17,8 @@ from hdrq_lightning.models.segnet import build_segnet
 from hdrq_lightning.stages.adapt import run_adapt
 from hdrq_lightning.stages.source import run_source
 
-SMALL = ["source.iterations=6", "adapt.iterations=4", "adapt.checkpoint_every=2", "data.eval_batch_size=100"]
+SMALL = ["source.iterations=6", "adapt.iterations=4", "adapt.checkpoint_every=2", "data.eval_batch_size=100",
+         "adapt.rare_class_sampling.enabled=true"]
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ so the two graphs never coexist, then one AdamW step. The teacher and the step c
 resumed run continues the EMA; every random draw of a step (detail boxes, ClassMix classes, jitter, blur) comes from
 (seed, step). Optional: the ImageNet feature distance on thing classes (``feature_distance`` > 0, needs the
 ImageNet weights of the encoder: ``model.checkpoint_path``), pseudo-label margins (``pseudo_margins``), bf16
-autocast. Not built yet: rare-class sampling, and activation checkpointing (a recomputed BatchNorm in train mode
-would update its running statistics twice; it needs a BN-aware checkpoint).
+autocast, rare class sampling of the source crops (``rare_class_sampling.enabled``). Not built yet: activation
+checkpointing (a recomputed BatchNorm in train mode would update its running statistics twice).
 """
 
 from __future__ import annotations
@@ -163,7 +163,8 @@ class HrdaModule(_Base):
                  teacher_bn: str = "train", jitter_prob: float = 0.8, jitter_strength: float = 0.2,
                  blur_prob: float = 0.5, pseudo_margins: dict[str, list[int]] | None = None,
                  feature_distance: float = 0.0, thing_classes: tuple[int, ...] = THING_CLASSES,
-                 reference: nn.Module | None = None, bf16: bool = False) -> None:
+                 reference: nn.Module | None = None, bf16: bool = False,
+                 rare_class_sampling: dict | None = None) -> None:
         super().__init__(model, dm, iterations, lr, head_lr_mult, weight_decay, warmup, context_scale, detail_size,
                          detail_weight, seed=dm.seed)
         if classes_from not in ("batch", "image") or teacher_bn not in ("train", "eval"):
@@ -184,6 +185,7 @@ class HrdaModule(_Base):
         self.feature_distance, self.thing_classes = feature_distance, tuple(thing_classes)
         self.reference = None if reference is None else reference.requires_grad_(False).eval()
         self.bf16 = bf16
+        self.rare_class_sampling = dict(rare_class_sampling or {})
         self.teacher = copy.deepcopy(model).requires_grad_(False)
         mean = torch.tensor(dm.mean if dm.mean is not None else (0.0, 0.0, 0.0)).view(1, 3, 1, 1)
         std = torch.tensor(dm.std if dm.std is not None else (1.0, 1.0, 1.0)).view(1, 3, 1, 1)
@@ -192,8 +194,10 @@ class HrdaModule(_Base):
 
     def train_dataloader(self):
         # read when iteration starts (after a checkpoint's step is restored): a resumed run continues there
+        rcs = self.rare_class_sampling
         return self.dm.step_loader({"source": (self.dm.source, True), "target": (self.target, False)},
-                                   self.iterations, start=lambda: self.global_step)
+                                   self.iterations, start=lambda: self.global_step,
+                                   rare_classes={"source": rcs} if rcs.get("enabled") else None)
 
     def state_dict(self, *args, **kwargs):  # the reference network is rebuilt from its weight file, not saved
         state = super().state_dict(*args, **kwargs)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
@@ -40,6 +41,11 @@ class StreetsDomain(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def class_count_array(self) -> np.ndarray:
+        """[images, classes] pixel counts of the labels (rare class sampling)."""
+        classes = len(STREETS_CLASSES)
+        return np.stack([np.bincount(label.reshape(-1), minlength=256)[:classes] for label in self.labels])
+
     def __getitem__(self, index: int):
         image = Image.fromarray(self.images[index])
         label = Image.fromarray(self.labels[index]) if self.with_labels else None
@@ -51,6 +57,34 @@ def step_seed(seed: int, step: int, salt: int) -> int:
     return (int(seed) * 1_000_003 + int(step) * 7_919 + int(salt) * 104_729 + 13) % 2**63
 
 
+class RareClassSampler:
+    """Rare class sampling (DAFormer / HRDA): a class c with probability softmax((1 - f_c) / temperature) over the
+    source's class pixel frequencies f, then uniformly one of the images holding more than ``min_pixels`` pixels of
+    c. ``counts``: [images, classes] pixel counts (the converted labels' statistics)."""
+
+    def __init__(self, counts: np.ndarray, temperature: float = 0.01, min_pixels: int = 3000) -> None:
+        counts = np.asarray(counts, dtype=np.float64)
+        if temperature <= 0 or min_pixels < 0:
+            raise ConfigError(f"rare class sampling needs temperature > 0 and min_pixels >= 0, got {temperature} "
+                              f"and {min_pixels}.")
+        frequency = counts.sum(0) / max(counts.sum(), 1.0)
+        self.images = {c: np.flatnonzero(counts[:, c] > min_pixels) for c in range(counts.shape[1])}
+        classes = [c for c, members in self.images.items() if len(members)]
+        if not classes:
+            raise ConfigError(f"rare class sampling: no image holds more than {min_pixels} pixels of any class; "
+                              "lower adapt.rare_class_sampling.min_pixels.")
+        logits = (1 - frequency[classes]) / temperature
+        weights = np.exp(logits - logits.max())
+        self.classes = np.asarray(classes)
+        self.probabilities = weights / weights.sum()
+
+    def sample(self, generator: torch.Generator) -> tuple[int, int]:
+        """(class, image index)."""
+        c = int(self.classes[int(torch.multinomial(torch.from_numpy(self.probabilities), 1, generator=generator))])
+        members = self.images[c]
+        return c, int(members[int(torch.randint(0, len(members), (), generator=generator))])
+
+
 class StepBatches(IterableDataset):
     """Training batches indexed by step: batch ``t`` draws its images of each stream and their crops and flips
     from (seed, t) alone, so any step's data is known without the ones before it. Iteration starts at ``start()``
@@ -60,19 +94,35 @@ class StepBatches(IterableDataset):
     Items are dicts {stream: (images, labels or valid masks, indices)}."""
 
     def __init__(self, streams: dict[str, Dataset], batch_size: int, iterations: int, start: Callable[[], int],
-                 seed: int) -> None:
+                 seed: int, rare_classes: dict[str, tuple[RareClassSampler, float]] | None = None) -> None:
         self.streams, self.batch_size = streams, batch_size
         self.iterations, self.start, self.seed = iterations, start, seed
+        self.rare_classes = rare_classes or {}
+
+    def _items(self, name: str, dataset: Dataset, generator: torch.Generator) -> tuple[list, torch.Tensor]:
+        if name not in self.rare_classes:
+            indices = torch.randint(0, len(dataset), (self.batch_size,), generator=generator)
+            return [dataset[int(i)] for i in indices], indices
+        sampler, min_crop_pixels = self.rare_classes[name]
+        items, indices = [], []
+        for _ in range(self.batch_size):
+            c, index = sampler.sample(generator)
+            for _attempt in range(10):  # re-crop until the crop holds enough of the sampled class
+                item = dataset[index]
+                if int((item[1] == c).sum()) > min_crop_pixels:
+                    break
+            items.append(item)
+            indices.append(index)
+        return items, torch.tensor(indices)
 
     def batch(self, step: int) -> dict:
         out = {}
         for salt, (name, dataset) in enumerate(self.streams.items()):
             generator = torch.Generator().manual_seed(step_seed(self.seed, step, salt))
-            indices = torch.randint(0, len(dataset), (self.batch_size,), generator=generator)
             state = torch.get_rng_state()
             torch.manual_seed(step_seed(self.seed, step, salt + 100))  # the transforms' crops and flips
             try:
-                items = [dataset[int(i)] for i in indices]
+                items, indices = self._items(name, dataset, generator)
             finally:
                 torch.set_rng_state(state)
             out[name] = (torch.stack([a for a, _, _ in items]), torch.stack([b for _, b, _ in items]), indices)
@@ -172,12 +222,18 @@ class SegmentationDataModule(L.LightningDataModule):
         return self._loader(dataset, batch_size or self.batch_size, sampler, drop_last=True)
 
     def step_loader(self, streams: dict[str, tuple[str, bool]], iterations: int, start: Callable[[], int] = lambda: 0,
-                    batch_size: int | None = None) -> DataLoader:
+                    batch_size: int | None = None, rare_classes: dict[str, dict] | None = None) -> DataLoader:
         """Batches for steps ``start() .. iterations - 1`` of named streams {name: (domain, with labels)}: a
-        target stream never carries labels (``StepBatches``)."""
+        target stream never carries labels (``StepBatches``). ``rare_classes``: {labelled stream: {temperature,
+        min_pixels, crop_ratio}} turns on rare class sampling for it."""
         datasets = {name: self.dataset(domain, "train", train=True, labels=labels)
                     for name, (domain, labels) in streams.items()}
-        return DataLoader(StepBatches(datasets, batch_size or self.batch_size, iterations, start, self.seed),
+        samplers = {}
+        for name, settings in (rare_classes or {}).items():
+            counts = datasets[name].class_count_array()
+            sampler = RareClassSampler(counts, settings.get("temperature", 0.01), settings.get("min_pixels", 3000))
+            samplers[name] = (sampler, settings.get("min_pixels", 3000) * settings.get("crop_ratio", 2.0))
+        return DataLoader(StepBatches(datasets, batch_size or self.batch_size, iterations, start, self.seed, samplers),
                           batch_size=None, shuffle=False, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 

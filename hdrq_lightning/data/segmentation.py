@@ -257,6 +257,12 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def class_count_array(self) -> np.ndarray:
+        """[images, classes] pixel counts of the converted labels (rare class sampling)."""
+        if self.class_counts is None:
+            raise DataError("class statistics exist only for a labelled data set (with_labels=True).")
+        return np.asarray([self.class_counts[sample.key] for sample in self.samples])
+
     def label(self, index: int) -> Image.Image:
         sample = self.samples[index]
         return Image.open(converted_path(self.cache_dir, self.dataset, self.split, sample.key))
