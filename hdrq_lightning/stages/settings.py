@@ -18,7 +18,8 @@ from hdrq_lightning.artifacts import StageRun
 from hdrq_lightning.errors import ArtifactError
 
 # Data keys that change what a model learns or is scored on; batch sizes, workers and the data root do not.
-DATA_IDENTITY_KEYS = ("name", "source", "seed", "image_size", "resize_size", "val_fraction", "transductive")
+DATA_IDENTITY_KEYS = ("name", "source", "seed", "image_size", "resize_size", "val_fraction", "transductive",
+                      "num_classes", "crop_size", "train_scale", "test_scale", "cat_max_ratio", "mean", "std")
 # Keys inside the groups below that say how a stage runs, not what it computes (a resumed run may change them).
 RUNTIME_KEYS = ("quant.runtime", "quant.checkpoint_every", "pmq.chunk", "source.checkpoint_every",
                 "adapt.checkpoint_every")
