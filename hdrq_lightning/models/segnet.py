@@ -117,6 +117,11 @@ class SegNet(nn.Module):
         """Single-scale logits at 1/4 of the input resolution."""
         return self.decode(self.features(x))
 
+    def reconstruction_units(self) -> list[tuple[str, nn.Module]]:
+        raise ConfigError("quantizing the segmentation network (block reconstruction, post-merge quantization) is not "
+                          "available yet: its head reads four encoder levels, and the engine's unit walker serves "
+                          "chains only. Segmentation experts can be trained (hdrq source / adapt) and evaluated.")
+
 
 def build_segnet(backbone: str, num_classes: int, embed_dim: int = 786, fuse_dim: int = 128,
                  attention_dim: int | None = 256, dropout: float = 0.1, output_stride: int = 8,
