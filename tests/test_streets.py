@@ -11,11 +11,11 @@ from hydra.core.global_hydra import GlobalHydra
 from tiny import CONF_DIR
 
 from hdrq_lightning.artifacts import read_json
-from hdrq_lightning.errors import ConfigError
-from hdrq_lightning.quant.facts import reconstruction_units
 from hdrq_lightning.data.streets import STREETS_CLASSES, render_streets
+from hdrq_lightning.errors import ConfigError
 from hdrq_lightning.models.hrda import multires_inference, random_detail_box, slide, training_forward
 from hdrq_lightning.models.segnet import build_segnet
+from hdrq_lightning.quant.facts import reconstruction_units
 from hdrq_lightning.stages.adapt import run_adapt
 from hdrq_lightning.stages.source import run_source
 
