@@ -3,9 +3,8 @@
 One interface for the built-in ``streets`` benchmark and the real GTA5 -> Cityscapes / IDD layouts: the stages
 and the evaluation ask for ``loader(domain, "test")`` (whole images through the test pipeline, labels at their own
 size), ``calibration_loader(domain, size)`` (seeded target-train crops, unlabeled) and the training streams
-``train_loader(domain, labels=...)`` (random crops and flips; a target stream never carries labels). Each training
-epoch's order and augmentation come from (seed, epoch) (``EpochSeededSampler``), so a resumed run sees the data of
-an uninterrupted one.
+``step_loader({name: (domain, labels)}, iterations)`` (random crops and flips; a target stream never carries labels),
+whose batch for step t is a function of (seed, t) alone, so a resumed run sees the data of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from hdrq_lightning.data.datamodule import EpochSeededSampler, _domain_rng
+from hdrq_lightning.data.datamodule import _domain_rng
 from hdrq_lightning.data.joint_transforms import JointTransform, RandomCrop, RandomFlip, Resize, to_tensors
 from hdrq_lightning.data.segmentation import CITYSCAPES_CLASSES, SegmentationDataset, check_layout
 from hdrq_lightning.data.streets import STREETS_CLASSES, STREETS_DOMAINS, render_streets
@@ -173,7 +172,6 @@ class SegmentationDataModule(L.LightningDataModule):
         self.cat_max_ratio, self.calibration_size = cat_max_ratio, calibration_size
         self.calibration_batch_size = calibration_batch_size
         self.mean, self.std = mean, std
-        self.epoch: Callable[[], int] | None = None  # set by a training module: the trainer's current epoch
         if name == "gta_cs_idd":  # a missing root or split is reported before anything runs
             for domain in (source, *targets):
                 kind, splits = REAL_DOMAINS[domain]
@@ -212,14 +210,6 @@ class SegmentationDataModule(L.LightningDataModule):
     def loader(self, domain: str, split: str = "test", batch_size: int | None = None) -> DataLoader:
         """Whole images of (domain, split) through the test pipeline, labelled, in order."""
         return self._loader(self.dataset(domain, split), batch_size or self.eval_batch_size)
-
-    def train_loader(self, domain: str, labels: bool, batch_size: int | None = None) -> DataLoader:
-        """Random crops and flips of the domain's train split, an epoch-seeded order; unlabeled when ``labels``
-        is false (a target in adaptation: items are (image, valid mask, index))."""
-        dataset = self.dataset(domain, "train", train=True, labels=labels)
-        salt = _domain_rng(self.seed, 3, domain).integers(0, 2**31)
-        sampler = EpochSeededSampler(len(dataset), int(salt), epoch=self.epoch)
-        return self._loader(dataset, batch_size or self.batch_size, sampler, drop_last=True)
 
     def step_loader(self, streams: dict[str, tuple[str, bool]], iterations: int, start: Callable[[], int] = lambda: 0,
                     batch_size: int | None = None, rare_classes: dict[str, dict] | None = None) -> DataLoader:

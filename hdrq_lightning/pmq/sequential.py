@@ -90,7 +90,7 @@ class LayerSolve:
     mu: float
     gptq: GptqInfo | None
     objective: dict[str, float]
-    expert_error: dict[str, list[float]]
+    expert_error: dict  # {merged, relaxation, solution: per task; deployed_input: {merged, solution}}
 
     def record(self) -> dict:
         info = self.gptq
@@ -209,7 +209,7 @@ class PostMergeQuantizer:
         merged = self._weights(self.merged[name], affine)
         rows, columns = layer.weight.shape[0], layer.weight[0].numel()
         target_weight, hessian, mu, moments, objective = merged, None, 0.0, [], {}
-        expert_error: dict[str, list[float]] = {}
+        expert_error: dict = {}
         if self.method.needs_statistics:
             moments = self._moments(k, unit, layer, name, deployed, experts, affine)
             expert_weights = [self._weights(e.get_submodule(name), affine) for e in self.experts]
