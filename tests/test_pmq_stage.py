@@ -60,6 +60,17 @@ def test_pmq_stage_end_to_end(compose_cfg, tmp_path):
     assert straight.keys() == state.keys() and all(torch.equal(straight[k], state[k]) for k in state)
     assert read_json(runs / "task_arithmetic_epmq_w3_resumed" / "layers.json") == layers
 
+    # label-free selection: every candidate solved and scored on held-out train images; the lowest divergence wins
+    chosen = run_pmq(compose_cfg("pmq", "pmq=epmq", "pmq.w_bits=3", "pmq.tag=select", "pmq.select.holdout=16",
+                                 "pmq.select.grid={anchor_strength:[0.1,inf]}", *SMALL))
+    candidates = chosen["selection"]["candidates"]
+    assert [c["params"]["anchor_strength"] for c in candidates] == [0.1, float("inf")]
+    best = min(candidates, key=lambda c: c["divergence"])
+    assert chosen["params"]["anchor_strength"] == best["params"]["anchor_strength"]
+    inf_codes = _codes(runs / "task_arithmetic_epmq_w3_inf" / "quantized.safetensors")
+    selected = _codes(runs / "task_arithmetic_epmq_w3_select" / "quantized.safetensors")
+    assert all(torch.equal(selected[k], inf_codes[k]) for k in selected) == (best["params"]["anchor_strength"] > 1)
+
     # weight+activation (merge-then-quantize beside quantize-then-merge at equal W/A) and the float relaxation
     wa = run_pmq(compose_cfg("pmq", "pmq=gptq", "pmq.w_bits=4", "pmq.a_bits=4", "pmq.merge.method=ties", *SMALL))
     assert wa["a_bits"] == 4 and any(k.endswith("output_quantizer.scale") for k in load_integer_file(

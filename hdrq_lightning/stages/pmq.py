@@ -9,12 +9,14 @@ finished prefix again and continues (on the CPU the result equals an uninterrupt
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from hdrq_lightning.artifacts import (
@@ -86,6 +88,61 @@ def _merge(cfg: DictConfig):
     return merger, params
 
 
+@torch.no_grad()
+def expert_divergence(model: torch.nn.Module, experts: list, held_out: list[torch.Tensor], device) -> float:
+    """Mean over targets of KL(expert_t || model) of the class posteriors on target t's held-out images: how far
+    the deployed model is from each expert on its own domain, without labels."""
+    model = model.to(device).eval()
+    total = 0.0
+    for expert, images in zip(experts, held_out):
+        images = images.to(device)
+        reference = F.log_softmax(expert.to(device).eval()(images), 1)
+        total += float(F.kl_div(F.log_softmax(model(images), 1), reference, log_target=True, reduction="batchmean"))
+    return total / len(experts)
+
+
+def _candidates(grid: dict) -> list[dict]:
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(list(grid[k]) for k in keys))]
+
+
+def select_params(cfg: DictConfig, run, merged, experts, calibration, targets, dm, config, source, device) -> dict:
+    """Label-free choice of the method's parameters: every combination of ``pmq.select.grid`` is solved on the
+    calibration images and scored by ``expert_divergence`` on ``pmq.select.holdout`` further train images per
+    target (disjoint from the calibration set: the next images of the same seeded order); the lowest wins. The
+    scores are kept in ``checkpoints/selection.json`` as they come, so a resumed run skips scored candidates.
+    Each candidate's test accuracy is recorded beside its score for the reader, never used."""
+    p = cfg.pmq
+    base = OmegaConf.to_container(p.params, resolve=True) or {}
+    size = p.calibration_size + p.select.holdout
+    held_out = [torch.cat([x for x, _, _ in dm.calibration_loader(t, size=size)])[p.calibration_size:]
+                for t in targets]
+    if any(len(h) == 0 for h in held_out):
+        raise ConfigError(f"pmq.select.holdout={p.select.holdout}: a target has no train image left after the "
+                          f"{p.calibration_size} calibration images; lower pmq.calibration_size.")
+    path = run.checkpoint_dir / "selection.json"
+    scored = read_json(path) if path.is_file() else []
+    task = build_task(cfg)
+    for candidate in _candidates(OmegaConf.to_container(p.select.grid, resolve=True)):
+        if any(entry["params"] == candidate for entry in scored):
+            continue
+        method = get_pmq_method(p.method, **{**base, **candidate})
+        deployed = quantize_model(merged, config, init_ranges=False) if p.quantize else copy.deepcopy(merged)
+        blend = float(getattr(method.params, "anchor_blend", 1.0))
+        PostMergeQuantizer(deployed, merged, experts, calibration, method, quantize=p.quantize, grid=p.grid,
+                           base=source if blend != 1.0 else None, anchor_blend=blend, device=device,
+                           chunk=p.chunk).run()
+        result = evaluate_domains(deployed, dm, targets, task=task)
+        scored.append({"params": candidate, "divergence": round(expert_divergence(deployed, experts, held_out,
+                                                                                  device), 6),
+                       "test_mean_not_used": result["mean"], "test_hmean_not_used": result["hmean"]})
+        run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        write_json(path, scored)
+        notice.info("pmq %s: %s -> divergence %.4f", run.dir.name, candidate, scored[-1]["divergence"])
+    best = min(scored, key=lambda entry: entry["divergence"])
+    return {"chosen": best["params"], "holdout": p.select.holdout, "candidates": scored}
+
+
 def run_pmq(cfg: DictConfig, stop_after_unit: int | None = None) -> dict:
     dm = build_datamodule(cfg)
     p = cfg.pmq
@@ -123,6 +180,12 @@ def run_pmq(cfg: DictConfig, stop_after_unit: int | None = None) -> dict:
     calibration = [torch.cat([images for images, _, _ in dm.calibration_loader(t, size=p.calibration_size)])
                    for t in targets]
     run.prepare(cfg)
+    params = OmegaConf.to_container(p.params, resolve=True) or {}
+    selection = None
+    if p.select.grid:
+        selection = select_params(cfg, run, merged, experts, calibration, targets, dm, config, source, device)
+        params = {**params, **selection["chosen"]}
+        method = get_pmq_method(p.method, **params)
     start, rows = 0, []
     if state_path.is_file():
         deployed.load_state_dict(load_weights(state_path))
@@ -160,7 +223,7 @@ def run_pmq(cfg: DictConfig, stop_after_unit: int | None = None) -> dict:
     record = {"stage": "pmq", "method": p.method, "merge": p.merge.method, "merge_params": merge_params,
               "w_bits": p.w_bits, "a_bits": p.a_bits, "quantize": bool(p.quantize), "targets": targets,
               "per_domain": result["per_domain"], "mean": result["mean"], "hmean": result["hmean"],
-              "fp_merge": fp, "params": OmegaConf.to_container(p.params, resolve=True),
+              "fp_merge": fp, "params": params, **({"selection": selection} if selection else {}),
               "fallbacks": sum(1 for r in rows if r.get("fallback")), "seconds": seconds, "device": str(device)}
     _log_wandb(cfg, run.dir, record, rows)
     notice.info("pmq %s: mean %.2f%%, harmonic mean %.2f%% (FP merge %.2f%% / %.2f%%; %.1fs)", run.dir.name,
