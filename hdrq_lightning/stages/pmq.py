@@ -4,6 +4,7 @@
 Needs only the `source` and `adapt` runs. Resumable after every unit: the partly quantized model and the rows of
 ``layers.json`` so far are checkpointed atomically; a resumed run walks the calibration images through the
 finished prefix again and continues (on the CPU the result equals an uninterrupted run bit for bit).
+``pmq.select.grid`` first chooses the method's parameters without labels (``select_params``).
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def run_pmq(cfg: DictConfig, stop_after_unit: int | None = None) -> dict:
     if not start_fresh_if_forced(cfg, run):
         return run.metrics()
     state_path = run.checkpoint_dir / STATE_FILE
-    if state_path.is_file():
+    if state_path.is_file() or (run.checkpoint_dir / "selection.json").is_file():  # a partial run: same settings?
         differences = settings_mismatch(run, cfg, "pmq")
         if differences:
             raise ArtifactError(mismatch_message(run, differences, "Re-run it with the current settings by adding "
