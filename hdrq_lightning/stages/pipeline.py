@@ -27,7 +27,7 @@ from hdrq_lightning.stages.source import run_source
 # Overrides the pipeline sets itself for each variant.
 _OWN_KEYS = re.compile(r"^[~+]*(quant|merge|stage|pmq)(=|\.w_bits=|\.a_bits=|\.method=|\.merge\.method=|\.quantize=|"
                        r"\.tag=|\.params\.anchor_strength=)")
-_PMQ_PARAMS = re.compile(r"^[~+]*pmq\.params\.")
+_PMQ_PARAMS = re.compile(r"^[~+]*pmq\.(params|select)\.")
 
 
 def parse_bits(label: str) -> tuple[int, int]:
@@ -39,8 +39,8 @@ def parse_bits(label: str) -> tuple[int, int]:
 
 def variant(overrides: list[str], extra: list[str], keep_pmq_params: bool = True) -> DictConfig:
     """The config of one pipeline step: the user's overrides plus the step's own (quant preset, bits, merge).
-    ``keep_pmq_params``: the user's ``pmq.params.*`` overrides apply (they are the parameters of the user's
-    ``pmq.method``, not of the other post-merge methods the pipeline runs)."""
+    ``keep_pmq_params``: the user's ``pmq.params.*`` and ``pmq.select.*`` overrides apply (they are about the
+    parameters of the user's ``pmq.method``, not of the other post-merge methods the pipeline runs)."""
     kept = [o for o in overrides if not _OWN_KEYS.match(o) and (keep_pmq_params or not _PMQ_PARAMS.match(o))]
     return compose(config_name="config", overrides=[*kept, *extra])
 
