@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
+from resume import HANG, killed_resumed_and_uninterrupted, same_tensors
 from tiny import TINY
 
-from hdrq_lightning.artifacts import StageRun, load_weights, read_json
+from hdrq_lightning.artifacts import load_weights, read_json
 from hdrq_lightning.errors import ArtifactError
 from hdrq_lightning.quant.export import load_integer_file
 from hdrq_lightning.stages.adapt import run_adapt
@@ -66,51 +63,20 @@ def test_later_stage_without_inputs_is_a_clear_error(compose_cfg):
         run_adapt(compose_cfg("adapt"))
 
 
-# Timeouts catch hangs, not slowness: far above the slowest machine's time for these tiny runs.
-HANG = 3600
-
-
-def _wait_for(path: Path, process: subprocess.Popen, timeout: float = HANG) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert process.poll() is None, process.stdout.read()
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.2)
-
-
 def test_killed_adapt_resumes_from_its_last_checkpoint_to_the_same_weights(compose_cfg, tmp_path):
     """Killed after its first epoch's checkpoint and re-run, adapt resumes and ends with the weights of an
     uninterrupted run, bit for bit on the CPU (each epoch's data order and augmentation are functions of the
     seed and the epoch, not of the process's RNG history)."""
     run_source(compose_cfg("source"))
-    env = {**os.environ, "HDRQ_RUNS_DIR": str(tmp_path / "runs"), "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, "-m", "hdrq_lightning.cli", "adapt", *TINY, "adapt.epochs=3", "data.targets=[negative]"]
-    process = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+    resumed, uninterrupted, log = killed_resumed_and_uninterrupted(
+        ["adapt", *TINY, "adapt.epochs=3", "data.targets=[negative]"], tmp_path / "runs", "digits/adapt/negative",
+        "digits/source", tmp_path)
     target_dir = tmp_path / "runs/digits/adapt/negative"
-    _wait_for(target_dir / "checkpoints/last.ckpt", process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not StageRun(target_dir).is_done()
-    assert not list(target_dir.rglob("*.tmp")), "a killed run left a half-written file"
-
-    finished = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
-    assert finished.returncode == 0, finished.stderr[-2000:]
-    log = finished.stdout + finished.stderr
     assert f"resuming adapt/negative from checkpoint {target_dir / 'checkpoints/last.ckpt'}" in log
     assert read_json(target_dir / "metrics.json")["status"] == "done"
-
-    # the same stage uninterrupted, from the same source model, in another runs dir
-    shutil.copytree(tmp_path / "runs/digits/source", tmp_path / "other/digits/source")
-    other = subprocess.run(args, env={**env, "HDRQ_RUNS_DIR": str(tmp_path / "other")}, cwd=tmp_path,
-                           capture_output=True, text=True, timeout=HANG)
-    assert other.returncode == 0, other.stderr[-2000:]
-    resumed = load_weights(target_dir / "model.safetensors")
-    uninterrupted = load_weights(tmp_path / "other/digits/adapt/negative/model.safetensors")
-    assert resumed.keys() == uninterrupted.keys()
-    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    assert same_tensors(resumed, uninterrupted)
     assert (read_json(target_dir / "metrics.json")["adapted_acc"]
-            == read_json(tmp_path / "other/digits/adapt/negative/metrics.json")["adapted_acc"])
+            == read_json(tmp_path / "runs_uninterrupted/digits/adapt/negative/metrics.json")["adapted_acc"])
 
 
 def test_data_parallel_quantize_through_the_cli(compose_cfg, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from resume import killed_resumed_and_uninterrupted, same_tensors
 from tiny import CONF_DIR
 
 from hdrq_lightning.artifacts import read_json
@@ -108,35 +109,10 @@ def test_streets_shift_is_real_and_hrda_recovers_part_of_it(streets_cfg):
 def test_killed_hrda_resumes_to_the_same_weights(streets_cfg, tmp_path):
     """Killed after its first epoch's checkpoint and re-run, HRDA resumes (teacher, optimizer, schedule and step
     counter from the checkpoint; every draw from (seed, step)) and ends with the weights of an uninterrupted run."""
-    import os
-    import shutil
-    import signal
-    import subprocess
-    import sys
-
-    from test_stages import HANG, _wait_for
-
-    from hdrq_lightning.artifacts import StageRun, load_weights
-
     run_source(streets_cfg("source", "source.iterations=6"))
-    env = {**os.environ, "HDRQ_RUNS_DIR": str(tmp_path / "runs"), "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, "-m", "hdrq_lightning.cli", "adapt", "experiment=streets", "source.iterations=6",
-            "adapt.iterations=60", "adapt.checkpoint_every=20", "data.targets=[city]", "trainer.accelerator=cpu",
-            "threads=2"]
-    process = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    target_dir = tmp_path / "runs/streets/adapt/city"
-    _wait_for(target_dir / "checkpoints/last.ckpt", process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not StageRun(target_dir).is_done()
-    finished = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=HANG)
-    assert finished.returncode == 0, finished.stderr[-2000:]
-    assert "resuming adapt/city from checkpoint" in finished.stdout + finished.stderr
-    shutil.copytree(tmp_path / "runs/streets/source", tmp_path / "other/streets/source")
-    other = subprocess.run(args, env={**env, "HDRQ_RUNS_DIR": str(tmp_path / "other")}, cwd=tmp_path,
-                           capture_output=True, text=True, timeout=HANG)
-    assert other.returncode == 0, other.stderr[-2000:]
-    resumed = load_weights(target_dir / "model.safetensors")
-    uninterrupted = load_weights(tmp_path / "other/streets/adapt/city/model.safetensors")
-    assert resumed.keys() == uninterrupted.keys() and all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    resumed, uninterrupted, log = killed_resumed_and_uninterrupted(
+        ["adapt", "experiment=streets", "source.iterations=6", "adapt.iterations=60", "adapt.checkpoint_every=20",
+         "data.targets=[city]", "trainer.accelerator=cpu", "threads=2"], tmp_path / "runs", "streets/adapt/city",
+        "streets/source", tmp_path)
+    assert "resuming adapt/city from checkpoint" in log
+    assert same_tensors(resumed, uninterrupted)

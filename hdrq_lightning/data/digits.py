@@ -23,8 +23,6 @@ so no test digit of any domain is seen in training of any domain.
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from hdrq_lightning.artifacts import write_npz
 from hdrq_lightning.errors import ConfigError
 
 DIGITS_DOMAINS: tuple[str, ...] = ("clean", "negative", "textured", "rotated")
@@ -217,14 +216,6 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(images), 0, 255).astype(np.uint8)
 
 
-def _write_npz_atomically(path: Path, **arrays: np.ndarray) -> None:
-    """Write to a temporary file in the same folder, then rename, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as handle:
-        np.savez(handle, **arrays)
-    os.replace(handle.name, path)
-
-
 @functools.lru_cache(maxsize=32)
 def _render_whole_domain(domain: str, seed: int, cache_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
     """Render all 1797 digits in ``domain`` (read-only arrays), from the disk cache when present."""
@@ -241,7 +232,7 @@ def _render_whole_domain(domain: str, seed: int, cache_dir: str | None) -> tuple
     rng = np.random.default_rng([seed, DIGITS_DOMAINS.index(domain) + 1])
     images = _to_uint8(_RENDERERS[domain](strokes, rng))
     if cache_path is not None:
-        _write_npz_atomically(cache_path, images=images, labels=labels)
+        write_npz(cache_path, images=images, labels=labels)
     labels = labels.copy()
     images.setflags(write=False)
     labels.setflags(write=False)

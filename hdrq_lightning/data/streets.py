@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hdrq_lightning.data.digits import _write_npz_atomically
+from hdrq_lightning.artifacts import write_npz
 from hdrq_lightning.errors import ConfigError
 
 STREETS_CLASSES: tuple[str, ...] = ("road", "sidewalk", "building", "pole", "traffic sign", "vegetation", "terrain",
@@ -240,7 +240,7 @@ def _cached(domain: str, split: str, seed: int, cache_dir: str | None) -> tuple[
     else:
         images, labels = _render(domain, split, seed)
         if path is not None:
-            _write_npz_atomically(path, images=images, labels=labels)
+            write_npz(path, images=images, labels=labels)
     images.setflags(write=False)
     labels.setflags(write=False)
     return images, labels

@@ -8,16 +8,16 @@ dict. ``@merge_method("name")`` registers it; ``get_merge_method("name", **param
 from __future__ import annotations
 
 import abc
-import dataclasses
-from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from hdrq_lightning.errors import ArtifactError, ConfigError
+from hdrq_lightning.registry import Registry, checked_params
 
-MERGE_METHODS: dict[str, type[MergeMethod]] = {}
+MERGE_METHODS: Registry = Registry("merge method")  # name -> MergeMethod subclass
 
 StateDict = Mapping[str, Tensor]
 
@@ -33,14 +33,7 @@ class MergeMethod(abc.ABC):
     needs_base: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
-        valid = [field.name for field in dataclasses.fields(self.Params)]
-        unknown = sorted(set(params) - set(valid))
-        if unknown:
-            raise ConfigError(
-                f"Unknown parameter(s) {unknown} for merge method '{self.name}'; "
-                f"use only its parameters {valid or '(none)'}."
-            )
-        self.params = self.Params(**params)
+        self.params = checked_params(self.Params, params, MERGE_METHODS.kind, self.name)
 
     @abc.abstractmethod
     def merge(
@@ -55,29 +48,14 @@ class MergeMethod(abc.ABC):
         return f"{type(self).__name__}({self.params})"
 
 
-MethodClass = TypeVar("MethodClass", bound=type[MergeMethod])
-
-
-def merge_method(name: str) -> Callable[[MethodClass], MethodClass]:
+def merge_method(name: str):
     """Class decorator that registers a :class:`MergeMethod` under ``name``."""
-
-    def register(cls: MethodClass) -> MethodClass:
-        if name in MERGE_METHODS:
-            raise ConfigError(
-                f"Merge method '{name}' is registered twice; give the new plug-in another name."
-            )
-        cls.name = name
-        MERGE_METHODS[name] = cls
-        return cls
-
-    return register
+    return MERGE_METHODS.register(name)
 
 
 def get_merge_method(name: str, **params: Any) -> MergeMethod:
     """Instantiate the registered merge method ``name`` with ``params``."""
-    if name not in MERGE_METHODS:
-        raise ConfigError(f"Unknown merge method '{name}'; choose one of {sorted(MERGE_METHODS)}.")
-    return MERGE_METHODS[name](**params)
+    return MERGE_METHODS.build(name, **params)
 
 
 def check_choice(parameter: str, value: object, choices: Collection[object]) -> None:

@@ -8,18 +8,17 @@ that its solver then puts on the grid (``solver``: ``gptq`` or ``rtn``). ``@pmq_
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 from torch import Tensor
 
 from hdrq_lightning.errors import ConfigError
 from hdrq_lightning.pmq.objective import Target, TaskMoments, anchored_target
+from hdrq_lightning.registry import Registry, checked_params
 
-PMQ_METHODS: dict[str, type[PmqMethod]] = {}
+PMQ_METHODS: Registry = Registry("post-merge method")  # name -> PmqMethod subclass
 
 
 @dataclass
@@ -48,12 +47,7 @@ class PmqMethod:
     needs_statistics: ClassVar[bool] = True
 
     def __init__(self, **params: Any) -> None:
-        valid = [f.name for f in dataclasses.fields(self.Params)]
-        unknown = sorted(set(params) - set(valid))
-        if unknown:
-            raise ConfigError(f"Unknown parameter(s) {unknown} for post-merge method '{self.name}'; its parameters "
-                              f"are {valid or '(none)'}.")
-        self.params = self.Params(**params)
+        self.params = checked_params(self.Params, params, PMQ_METHODS.kind, self.name)
 
     @property
     def affine(self) -> bool:
@@ -75,24 +69,13 @@ class PmqMethod:
         return f"{type(self).__name__}({self.params})"
 
 
-Method = TypeVar("Method", bound=type[PmqMethod])
-
-
-def pmq_method(name: str) -> Callable[[Method], Method]:
-    def register(cls: Method) -> Method:
-        if name in PMQ_METHODS:
-            raise ConfigError(f"Post-merge method '{name}' is registered twice; give the new plug-in another name.")
-        cls.name = name
-        PMQ_METHODS[name] = cls
-        return cls
-
-    return register
+def pmq_method(name: str):
+    """Class decorator that registers a :class:`PmqMethod` under ``name``."""
+    return PMQ_METHODS.register(name)
 
 
 def get_pmq_method(name: str, **params: Any) -> PmqMethod:
-    if name not in PMQ_METHODS:
-        raise ConfigError(f"Unknown post-merge method '{name}'; choose one of {sorted(PMQ_METHODS)}.")
-    return PMQ_METHODS[name](**params)
+    return PMQ_METHODS.build(name, **params)
 
 
 @pmq_method("rtn")

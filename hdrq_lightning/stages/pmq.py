@@ -89,6 +89,19 @@ def _merge(cfg: DictConfig):
     return merger, params
 
 
+def _deployable(merged: torch.nn.Module, config: QuantConfig, quantize: bool) -> torch.nn.Module:
+    """The model the solver writes into: the merged model with weight quantizers (no range yet), or a float copy
+    for the relaxation."""
+    return quantize_model(merged, config, init_ranges=False) if quantize else copy.deepcopy(merged)
+
+
+def _solver(p: DictConfig, deployed, merged, experts, calibration, method, source, device) -> PostMergeQuantizer:
+    blend = float(getattr(method.params, "anchor_blend", 1.0))
+    return PostMergeQuantizer(deployed, merged, experts, calibration, method, quantize=p.quantize, grid=p.grid,
+                              base=source if blend != 1.0 else None, anchor_blend=blend, device=device,
+                              chunk=p.chunk)
+
+
 @torch.no_grad()
 def expert_divergence(model: torch.nn.Module, experts: list, held_out: list[torch.Tensor], device) -> float:
     """Mean over targets of KL(expert_t || model) of the class posteriors on target t's held-out images: how far
@@ -127,12 +140,9 @@ def select_params(cfg: DictConfig, run, merged, experts, calibration, targets, d
     for candidate in _candidates(OmegaConf.to_container(p.select.grid, resolve=True)):
         if any(entry["params"] == candidate for entry in scored):
             continue
-        method = get_pmq_method(p.method, **{**base, **candidate})
-        deployed = quantize_model(merged, config, init_ranges=False) if p.quantize else copy.deepcopy(merged)
-        blend = float(getattr(method.params, "anchor_blend", 1.0))
-        PostMergeQuantizer(deployed, merged, experts, calibration, method, quantize=p.quantize, grid=p.grid,
-                           base=source if blend != 1.0 else None, anchor_blend=blend, device=device,
-                           chunk=p.chunk).run()
+        deployed = _deployable(merged, config, p.quantize)
+        _solver(p, deployed, merged, experts, calibration, get_pmq_method(p.method, **{**base, **candidate}),
+                source, device).run()
         result = evaluate_domains(deployed, dm, targets, task=task)
         scored.append({"params": candidate, "divergence": round(expert_divergence(deployed, experts, held_out,
                                                                                   device), 6),
@@ -176,7 +186,7 @@ def run_pmq(cfg: DictConfig, stop_after_unit: int | None = None) -> dict:
     merged = copy.deepcopy(source)
     merged.load_state_dict(merger.merge([e.state_dict() for e in experts],
                                         base=source.state_dict() if merger.needs_base else None))
-    deployed = quantize_model(merged, config, init_ranges=False) if p.quantize else copy.deepcopy(merged)
+    deployed = _deployable(merged, config, p.quantize)
     device = default_device()
     calibration = [torch.cat([images for images, _, _ in dm.calibration_loader(t, size=p.calibration_size)])
                    for t in targets]
@@ -193,10 +203,7 @@ def run_pmq(cfg: DictConfig, stop_after_unit: int | None = None) -> dict:
         saved = read_json(run.checkpoint_dir / ROWS_FILE)
         start, rows = saved["next_unit"], saved["rows"]
         notice.info("resuming pmq/%s at unit %d", run.dir.name, start)
-    blend = float(getattr(method.params, "anchor_blend", 1.0))
-    solver = PostMergeQuantizer(deployed, merged, experts, calibration, method, quantize=p.quantize, grid=p.grid,
-                                base=source if blend != 1.0 else None, anchor_blend=blend, device=device,
-                                chunk=p.chunk)
+    solver = _solver(p, deployed, merged, experts, calibration, method, source, device)
 
     def checkpoint(k: int, unit_rows) -> None:
         rows.extend(r.record() for r in unit_rows)
