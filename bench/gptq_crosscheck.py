@@ -21,9 +21,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import json
-import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.provenance import write_result  # noqa: E402
 from hdrq_lightning.pmq.gptq import Grid, gptq_quantize  # noqa: E402
 from hdrq_lightning.quant.quantizers import WeightQuantizer  # noqa: E402
 
@@ -129,15 +128,8 @@ def main() -> None:
                 print(json.dumps(results[-1]), flush=True)
     import llmcompressor.modifiers.gptq.gptq_quantize as reference
 
-    record = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "device": str(device),
-              "torch": torch.__version__, "reference": str(Path(reference.__file__)),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                       text=True).stdout.strip(), "cases": results}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gptq_crosscheck.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out / 'gptq_crosscheck.json'}")
-
+    write_result(args.out, "gptq_crosscheck.json", {"device": str(device),
+                                                     "reference": str(Path(reference.__file__)), "cases": results})
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 import types
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.provenance import write_result  # noqa: E402
 from hdrq_lightning.adapt.segmentation import HrdaModule  # noqa: E402
 from hdrq_lightning.models.segnet import build_segnet  # noqa: E402
 
@@ -86,16 +86,8 @@ def main() -> None:
     for r in results:
         print(json.dumps(r), flush=True)
     gpu = torch.cuda.get_device_name()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    record = {"command": " ".join(sys.argv), "gpu": gpu, "torch": torch.__version__, "commit": commit,
-              "date": time.strftime("%Y-%m-%d"), "crop": args.crop, "detail": args.detail, "batch": "2 + 2",
-              "results": results}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"hrda_step_{'h200' if 'H200' in gpu else 'gpu'}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path}")
-
+    write_result(args.out, f"hrda_step_{'h200' if 'H200' in gpu else 'gpu'}.json",
+                 {"gpu": gpu, "crop": args.crop, "detail": args.detail, "batch": "2 + 2", "results": results})
 
 if __name__ == "__main__":
     main()

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.provenance import write_result  # noqa: E402
+from bench.reconstruction import synchronize  # noqa: E402
 from hdrq_lightning.merge import get_merge_method  # noqa: E402
 from hdrq_lightning.models.shot import build_shot_net  # noqa: E402
 from hdrq_lightning.pmq import PostMergeQuantizer, get_pmq_method  # noqa: E402
@@ -54,11 +54,6 @@ def experts_of(model: str, count: int, classes: int, seed: int) -> tuple[torch.n
                     tensor.add_(0.05 * tensor.std().nan_to_num() * torch.randn_like(tensor))
         experts.append(expert)
     return fold_batch_norm(source), [fold_batch_norm(e) for e in experts]
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -90,21 +85,21 @@ def main() -> None:
         original = gptq_module.gptq_quantize
 
         def timed(*a, original=original, solver_time=solver_time, **k):
-            synchronize(device)
+            synchronize(device.type)
             start = time.perf_counter()
             out = original(*a, **k)
-            synchronize(device)
+            synchronize(device.type)
             solver_time[0] += time.perf_counter() - start
             return out
 
         import hdrq_lightning.pmq.sequential as sequential
         sequential.gptq_quantize = timed
-        synchronize(device)
+        synchronize(device.type)
         start = time.perf_counter()
         quantizer = PostMergeQuantizer(deployed, merged, experts, calibration, get_pmq_method(name, **PARAMS[name]),
                                        device=device, chunk=args.chunk)
         rows = quantizer.run()
-        synchronize(device)
+        synchronize(device.type)
         seconds = time.perf_counter() - start
         sequential.gptq_quantize = original
         results[name] = {"seconds": round(seconds, 2), "gptq_solver_seconds": round(solver_time[0], 2),
@@ -115,19 +110,11 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    record = {"command": " ".join(sys.argv), "device": label, "torch": torch.__version__, "commit": commit,
-              "date": time.strftime("%Y-%m-%d"), "model": args.model, "experts": args.experts,
-              "calibration_per_expert": args.calibration, "image_size": args.image_size, "w_bits": args.w_bits,
-              "results": results,
-              "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     tag = "h200" if "H200" in label else device.type
-    path = out / f"pmq_{tag}_{args.model}_w{args.w_bits}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path}")
-
+    write_result(args.out, f"pmq_{tag}_{args.model}_w{args.w_bits}.json", {
+        "device": label, "model": args.model, "experts": args.experts, "calibration_per_expert": args.calibration,
+        "image_size": args.image_size, "w_bits": args.w_bits, "results": results,
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None})
 
 if __name__ == "__main__":
     main()

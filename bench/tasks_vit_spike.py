@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.provenance import write_result  # noqa: E402
 from hdrq_lightning.data.digits import render_digits_domain  # noqa: E402
 from hdrq_lightning.merge import get_merge_method  # noqa: E402
 from hdrq_lightning.pmq import PostMergeQuantizer, get_pmq_method  # noqa: E402
@@ -264,16 +264,9 @@ def main() -> None:
                 print(f"{merge} {method} W{bits}: {record['pmq'][f'{merge}_{method}_w{bits}']}", flush=True)
     record["seconds"] = round(time.perf_counter() - started, 1)
     record["args"] = vars(args)
-    record["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                      text=True).stdout.strip()
-    record["date"] = time.strftime("%Y-%m-%d")
     record["checks"] = spike_checks(record, names, {n: int(splits[n]["fit"][1].max()) + 1 for n in names})
     print(json.dumps({k: v for k, v in record.items() if k != "pmq"}, indent=1))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tasks_vit_spike.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out / 'tasks_vit_spike.json'}")
-
+    write_result(args.out, "tasks_vit_spike.json", record)
 
 if __name__ == "__main__":
     main()
