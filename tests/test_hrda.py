@@ -188,3 +188,24 @@ def test_rare_class_sampling_follows_the_softmax_of_rarity():
     draws = [sampler.sample(generator) for _ in range(400)]
     assert all(index in (0, 2) for c, index in draws if c == 1)  # images holding > 60 pixels of class 1
     assert sum(c == 1 for c, _ in draws) > 390  # the rare class dominates at T = 0.01
+
+
+def test_feature_distance_on_thing_classes_and_not_in_the_checkpoint():
+    torch.manual_seed(4)
+    reference = build_segnet("resnet_tiny", num_classes=4, embed_dim=8, fuse_dim=8, attention_dim=8).eval()
+    module = _module(feature_distance=0.5, thing_classes=(1,), reference=reference)
+    module.model.eval()
+    images = torch.randn(2, 3, 64, 64)
+    labels = torch.zeros(2, 64, 64, dtype=torch.long)
+    labels[:, :32] = 1  # the top half is a "thing"
+    context = F.interpolate(images, scale_factor=0.5, mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        student, ref = module.model.features(context)[-1], reference.features(context)[-1]
+        distance = (student - ref).pow(2).sum(1).sqrt()
+        mask = F.interpolate(labels[:, None].float(), size=distance.shape[-2:], mode="nearest")[:, 0] == 1
+        expected = 0.5 * distance[mask].mean()
+        assert torch.allclose(module._feature_distance(images, labels), expected, atol=1e-6)
+        assert module._feature_distance(images, torch.zeros_like(labels)) == 0  # no thing pixel: no term
+    assert not any("reference" in key for key in module.state_dict())
+    with pytest.raises(ConfigError, match="feature_distance"):
+        _module(feature_distance=0.5)

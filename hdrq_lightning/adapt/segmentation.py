@@ -183,7 +183,8 @@ class HrdaModule(_Base):
         margins = (pseudo_margins or {}).get(target)
         self.margins = None if margins is None else tuple(int(m) for m in margins)  # top, bottom, left, right
         self.feature_distance, self.thing_classes = feature_distance, tuple(thing_classes)
-        self.reference = None if reference is None else reference.requires_grad_(False).eval()
+        # kept out of the module tree (a list): not trained, not in checkpoints (rebuilt from its weight file)
+        self._reference = [] if reference is None else [reference.requires_grad_(False).eval()]
         self.bf16 = bf16
         self.rare_class_sampling = dict(rare_class_sampling or {})
         self.teacher = copy.deepcopy(model).requires_grad_(False)
@@ -199,14 +200,9 @@ class HrdaModule(_Base):
                                    self.iterations, start=lambda: self.global_step,
                                    rare_classes={"source": rcs} if rcs.get("enabled") else None)
 
-    def state_dict(self, *args, **kwargs):  # the reference network is rebuilt from its weight file, not saved
-        state = super().state_dict(*args, **kwargs)
-        return {k: v for k, v in state.items() if not k.startswith("reference.")} if isinstance(state, dict) else state
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        if self.reference is not None:
-            state_dict = {**state_dict, **{f"reference.{k}": v for k, v in self.reference.state_dict().items()}}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    def on_fit_start(self) -> None:
+        for reference in self._reference:
+            reference.to(self.device)
 
     @staticmethod
     def ema_alpha_at(step: int, ema_alpha: float) -> float:
@@ -269,7 +265,7 @@ class HrdaModule(_Base):
         context = F.interpolate(images, scale_factor=self.context_scale, mode="bilinear", align_corners=False)
         student = self.model.features(context)[-1]
         with torch.no_grad():
-            reference = self.reference.features(context)[-1]
+            reference = self._reference[0].features(context)[-1]
         distance = (student - reference).pow(2).sum(1).sqrt()  # [N, h, w]
         small = F.interpolate(labels[:, None].float(), size=distance.shape[-2:], mode="nearest")[:, 0].long()
         things = torch.isin(small, torch.tensor(self.thing_classes, device=small.device))

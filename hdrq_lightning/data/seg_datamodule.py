@@ -10,6 +10,7 @@ whose batch for step t is a function of (seed, t) alone, so a resumed run sees t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -50,6 +51,17 @@ class StreetsDomain(Dataset):
         label = Image.fromarray(self.labels[index]) if self.with_labels else None
         tensor, second = (self.transform or to_tensors)(image, label)
         return tensor, second, index
+
+
+@contextmanager
+def torch_seeded(seed: int):
+    """Torch's global generator seeded with ``seed`` inside (the joint transforms draw from it), restored after."""
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
 
 
 def step_seed(seed: int, step: int, salt: int) -> int:
@@ -118,12 +130,8 @@ class StepBatches(IterableDataset):
         out = {}
         for salt, (name, dataset) in enumerate(self.streams.items()):
             generator = torch.Generator().manual_seed(step_seed(self.seed, step, salt))
-            state = torch.get_rng_state()
-            torch.manual_seed(step_seed(self.seed, step, salt + 100))  # the transforms' crops and flips
-            try:
+            with torch_seeded(step_seed(self.seed, step, salt + 100)):  # the transforms' crops and flips
                 items, indices = self._items(name, dataset, generator)
-            finally:
-                torch.set_rng_state(state)
             out[name] = (torch.stack([a for a, _, _ in items]), torch.stack([b for _, b, _ in items]), indices)
         return out
 
@@ -235,17 +243,9 @@ class SegmentationDataModule(L.LightningDataModule):
         dataset = self.dataset(domain, "train", train=True, labels=False)
         rng = _domain_rng(self.seed if seed is None else seed, _CALIBRATION_SALT, domain)
         chosen = rng.permutation(len(dataset))[:size]
-        state = torch.get_rng_state()
-        torch.manual_seed(int(rng.integers(0, 2**31)))
-        try:  # materialised now, so the crops do not depend on when or how often the loader is iterated
-            items = [dataset[int(i)] for i in chosen]
-        finally:
-            torch.set_rng_state(state)
+        with torch_seeded(int(rng.integers(0, 2**31))):  # materialised now: the crops do not depend on when or
+            items = [dataset[int(i)] for i in chosen]         # how often the loader is iterated
         images = torch.stack([item[0] for item in items])
         masks = torch.stack([item[1] for item in items])
         tensors = torch.utils.data.TensorDataset(images, masks, torch.arange(len(items)))
         return DataLoader(tensors, batch_size=batch_size or self.calibration_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> list[DataLoader]:
-        return [self.loader(domain, "test") for domain in self.targets]
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,13 +42,18 @@ def stage_run(cfg: DictConfig, stage: str, *keys: str) -> StageRun:
     return StageRun(root.joinpath(*map(str, keys)), root=root)
 
 
-def build_datamodule(cfg: DictConfig):
+def _instantiate(config: Any) -> Any:
+    """``hydra.utils.instantiate`` with our own one-paragraph errors surfaced instead of Hydra's wrapper."""
     try:
-        return hydra.utils.instantiate(cfg.data, _convert_="all")
-    except InstantiationException as err:  # surface our own one-paragraph errors, not Hydra's wrapper
+        return hydra.utils.instantiate(config, _convert_="all")
+    except InstantiationException as err:
         if isinstance(err.__cause__, HdrqError):
             raise err.__cause__ from None
         raise
+
+
+def build_datamodule(cfg: DictConfig):
+    return _instantiate(cfg.data)
 
 
 # keys of a training plug-in's node that the stage reads (how often to checkpoint), not the module
@@ -55,19 +61,17 @@ STAGE_LEVEL_KEYS = ("checkpoint_every",)
 
 
 def instantiate_plugin(node: DictConfig, group: str, **arguments: Any):
-    """A training plug-in of ``group`` (``_target_`` + ``_partial_``) called with the stage's ``arguments``; our
-    own errors come out unwrapped, a wrong parameter as one paragraph naming the group."""
+    """A training plug-in of ``group`` (``_target_`` + ``_partial_``) called with the stage's ``arguments``. Settings
+    the plug-in does not take are one paragraph naming the group; errors raised while it builds are not hidden."""
     settings = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in STAGE_LEVEL_KEYS}
+    target = node.get("_target_")
     try:
-        factory = hydra.utils.instantiate(settings, _convert_="all")
-        return factory(**arguments)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, HdrqError):
-            raise err.__cause__ from None
-        raise ConfigError(f"{group}: {node.get('_target_')} does not build from the config ({err}).") from None
-    except TypeError as err:
-        raise ConfigError(f"{group}: {node.get('_target_')} does not take these settings ({err}); check "
-                          f"conf/{group}/ against its parameters.") from None
+        factory = _instantiate(settings)
+        inspect.signature(factory).bind(**arguments)
+    except (InstantiationException, TypeError, ValueError) as err:
+        raise ConfigError(f"{group}: {target} does not take these settings ({err}); check conf/{group}/ against "
+                          "its parameters.") from None
+    return factory(**arguments)
 
 
 def build_task(cfg: DictConfig):
