@@ -206,3 +206,19 @@ def test_anchor_limits_and_the_gptq_special_case():
     # alpha = 0 gives G = S
     S, G, _ = moments[0].expectations(0.0)
     assert torch.equal(S, G)
+
+
+def test_deployed_input_errors_against_samples():
+    from hdrq_lightning.pmq.objective import deployed_input_errors
+
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randn(40, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    moments = []
+    for x in rows:
+        m = TaskMoments(6, False, False, torch.device("cpu"))
+        m.add(x)
+        moments.append(m)
+    experts = [torch.randn(3, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    Q = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    direct = [float((x @ (W - Q).T).norm() / (x @ W.T).norm()) for x, W in zip(rows, experts)]
+    assert deployed_input_errors(moments, experts, Q) == pytest.approx(direct, rel=1e-10)

@@ -93,14 +93,11 @@ class TaskMoments:
 
 def deployed_input_errors(moments: list[TaskMoments], experts: list[Tensor], Q: Tensor) -> list[float]:
     """Per task ||W_t x~ - Q x~|| / ||W_t x~||: the layer's deviation from expert t on the deployed input (the
-    same yardstick for every method: it needs only S_t, which every method with statistics collects)."""
-    out = []
-    for m, W in zip(moments, experts):
-        S = m.S / m.count
-        D = W.double() - Q.double()
-        reference = float(((W.double() @ S) * W.double()).sum())
-        out.append(math.sqrt(max(float(((D @ S) * D).sum()), 0.0) / reference) if reference > 0 else 0.0)
-    return out
+    same yardstick for every method: it needs only S_t, which every method with statistics collects). It is
+    ``Objective.relative_errors`` at input mix 0 (G_t = T_t = S_t)."""
+    S = [m.S / m.count for m in moments]
+    experts64 = [W.double() for W in experts]
+    return Objective(S, S, S, experts64, [1.0] * len(S), 1.0, Q.double(), Q.double(), 0.0).relative_errors(Q)
 
 
 def task_weights(moments: list[TaskMoments], scheme: str) -> list[float]:
