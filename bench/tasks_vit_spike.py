@@ -76,6 +76,8 @@ class ViTBackbone(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.vit(x)
 
+    reconstruction_chain = True
+
     def reconstruction_units(self) -> list[tuple[str, nn.Module]]:
         return [("stem", _Stem(self.vit)), *[(f"blocks.{i}", b) for i, b in enumerate(self.vit.blocks)],
                 ("tail", _Tail(self.vit))]

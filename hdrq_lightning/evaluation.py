@@ -3,6 +3,8 @@ and a fixed-batch evaluator of loss and score for the analysis."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -33,8 +35,13 @@ def evaluate_domains(model: nn.Module, dm, domains: list[str], device: torch.dev
     model.train(was_training)
     result = metric.compute()
     per_domain = result["per_domain"].reshape(-1)  # torchmetrics squeezes a one-domain result to 0-d
-    return {"per_domain": {d: round(float(a), 4) for d, a in zip(domains, per_domain)},
-            "hmean": round(float(result["hmean"]), 4), "mean": round(float(result["mean"]), 4)}
+    out = {"per_domain": {d: round(float(a), 4) for d, a in zip(domains, per_domain)},
+           "hmean": round(float(result["hmean"]), 4), "mean": round(float(result["mean"]), 4)}
+    if "per_class" in result:  # segmentation: IoU per class and domain (None: absent from labels and predictions)
+        per_class = result["per_class"].reshape(len(domains), -1)
+        out["per_class"] = {d: [None if math.isnan(float(v)) else round(float(v), 4) for v in row]
+                            for d, row in zip(domains, per_class)}
+    return out
 
 
 def domain_accuracy(model: nn.Module, dm, domain: str, task=None) -> float:

@@ -16,8 +16,95 @@ def _cell(entry: dict[str, Any], domains: list[str]) -> str:
     return f"**{entry['merged']['hmean']:.2f}** ({experts})"
 
 
+def _hmean(values: list[float]) -> float:
+    return 0.0 if any(v <= 0 for v in values) else len(values) / sum(1.0 / v for v in values)
+
+
+def _iou(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _per_class_h(merged: dict[str, Any], domains: list[str]) -> list[float | None]:
+    """Per-class harmonic mean over the domains, averaged over the merge samples (as the paper averages
+    per-sample values); from the mean per-class IoUs where there are no samples. None: absent in a domain."""
+    samples = merged.get("merge_samples", {}).get("per_class")
+    runs = [[samples[d][i] for d in domains] for i in range(len(samples[domains[0]]))] if samples else \
+        [[merged["per_class"][d] for d in domains]]
+    out = []
+    for c in range(len(runs[0][0])):
+        values = [[row[c] for row in run] for run in runs]
+        if any(v is None for vs in values for v in vs):
+            out.append(None)
+            continue
+        out.append(sum(_hmean(vs) for vs in values) / len(values))
+    return out
+
+
+def _std(merged: dict[str, Any], key: str, domain: str | None = None) -> str:
+    stats = merged.get("merge_samples")
+    if not stats:
+        return ""
+    entry = stats["hmean"] if domain is None else stats["per_domain"][domain]
+    return f" ± {entry['std']:.2f}"
+
+
+def segmentation_markdown(summary: dict[str, Any]) -> str:
+    """Table 1 of the paper: (a) each expert on its own target, (b) the merged model on each target and H; per
+    class IoU and mIoU (mean over merge samples ± their standard deviation), then the paper's numbers if given."""
+    domains, classes = summary["targets"], summary["classes"]
+    fp = summary["fp"]
+    rows = [("FP", "W32A32", fp), *((r["method"], f"W{r['w_bits']}A{r['a_bits']}", r) for r in summary["results"])]
+    head = "| Method | Bits | Target | " + " | ".join(classes) + " | mIoU |"
+    rule = "|---|---|---|" + "---|" * (len(classes) + 1)
+    n = max((r["merged"].get("merge_samples", {}).get("n", 1) for r in summary["results"]), default=1)
+    lines = [f"# {summary['experiment']}: {summary['source']} -> {', '.join(domains)} (Table 1)", "",
+             "(a) Each expert on its own target: IoU per class and mIoU (%).", "", head, rule]
+    for method, bits, entry in rows:
+        per_class = entry.get("experts_per_class", {})
+        for d in domains:
+            cells = [_iou(v) for v in per_class[d]] if d in per_class else ["-"] * len(classes)
+            lines.append(f"| {method} | {bits} | {d} | " + " | ".join(cells) + f" | **{entry['experts'][d]:.2f}** |")
+    lines += ["", f"(b) The merged model on each target and the harmonic mean H over the targets (per class and "
+              f"mIoU); quantized merges: mean over {n} merge samples ± standard deviation.", "", head, rule]
+    for method, bits, entry in rows:
+        merged = entry["merged"]
+        for d in domains:
+            cells = [_iou(v) for v in merged["per_class"][d]] if "per_class" in merged else ["-"] * len(classes)
+            lines.append(f"| {method} | {bits} | {d} | " + " | ".join(cells)
+                         + f" | **{merged['per_domain'][d]:.2f}**{_std(merged, 'per_domain', d)} |")
+        cells = [_iou(v) for v in _per_class_h(merged, domains)] if "per_class" in merged else ["-"] * len(classes)
+        lines.append(f"| {method} | {bits} | H | " + " | ".join(cells)
+                     + f" | **{merged['hmean']:.2f}**{_std(merged, 'hmean')} |")
+    lines += ["", "Source-only mIoU: " + ", ".join(f"{d} {summary['source_only'][d]:.2f}" for d in domains)]
+    if summary.get("reference"):
+        lines += ["", *reference_markdown(summary, rows)]
+    return "\n".join(lines)
+
+
+def reference_markdown(summary: dict[str, Any], rows: list[tuple[str, str, dict]]) -> list[str]:
+    """Ours beside the paper's mIoU (the experiment's ``reference`` block): experts, merged per target, H."""
+    domains = summary["targets"]
+    reference = summary["reference"]
+    lines = [f"Beside the paper ({reference.get('source', 'reference')}): ours / paper (difference), mIoU.", "",
+             "| Method | Bits | " + " | ".join([*(f"expert {d}" for d in domains), *(f"merged {d}" for d in domains),
+                                               "H"]) + " |", "|---|---|" + "---|" * (2 * len(domains) + 1)]
+    for method, bits, entry in rows:
+        paper = reference.get("rows", {}).get(f"{method}_{bits}".lower())
+        ours = [*(entry["experts"][d] for d in domains), *(entry["merged"]["per_domain"][d] for d in domains),
+                entry["merged"]["hmean"]]
+        if paper is None:
+            cells = [f"{v:.2f} / -" for v in ours]
+        else:
+            cells = [f"{v:.2f} / {p:.2f} ({v - p:+.2f})" for v, p in zip(ours, paper)]
+        lines.append(f"| {method} | {bits} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
-    """Rows: methods; columns: bit widths; cell: merged harmonic mean (experts' per-domain accuracies)."""
+    """Rows: methods; columns: bit widths; cell: merged harmonic mean (experts' per-domain accuracies).
+    Segmentation summaries are Table 1 instead (``segmentation_markdown``), followed by the analysis."""
+    if summary.get("task") == "segmentation":
+        return segmentation_markdown(summary) + "\n" + "\n".join(analysis_markdown(summary)) + "\n"
     domains = summary["targets"]
     bits = list(dict.fromkeys(f"W{r['w_bits']}A{r['a_bits']}" for r in summary["results"]))
     methods = list(dict.fromkeys(r["method"] for r in summary["results"]))
@@ -38,18 +125,25 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     fp = summary["fp"]
     lines += ["", "FP merged per domain: " + ", ".join(f"{d} {fp['merged']['per_domain'][d]:.2f}" for d in domains)
               + "; source-only accuracy: " + ", ".join(f"{d} {summary['source_only'][d]:.2f}" for d in domains)]
-    if summary.get("analysis"):
-        pair = " + ".join(next(iter(summary["analysis"].values()))["pair"])
-        lines += ["", f"Analysis of the two-expert merge {pair} (analysis/<method>_w<W>a<A>/*.png):", "",
-                  "| Method | error barrier (loss, Eq. 3) | merged H-mean, random noise sample (mean) | "
-                  "with cosine selection (mean) |", "|---|---|---|---|"]
-        for tag, item in summary["analysis"].items():
-            lines.append(f"| {tag} | {item['barrier'][tag]:.4f} | {item['samples_mean']['random sample']:.2f} | "
-                         f"{item['samples_mean']['cosine selection']:.2f} |")
-        lines.append(f"\nFP error barrier (Eq. 2): {summary['fp_barrier']:.4f}")
+    lines += analysis_markdown(summary)
     if summary.get("pmq"):
         lines += ["", *pmq_markdown(summary["pmq"])]
     return "\n".join(lines) + "\n"
+
+
+def analysis_markdown(summary: dict[str, Any]) -> list[str]:
+    if not summary.get("analysis"):
+        return []
+    pair = " + ".join(next(iter(summary["analysis"].values()))["pair"])
+    score = "pixel accuracy" if summary.get("task") == "segmentation" else "accuracy"
+    lines = ["", f"Analysis of the two-expert merge {pair} (analysis/<method>_w<W>a<A>/*.png):", "",
+             f"| Method | error barrier (loss, Eq. 3) | merged H of the {score}, random noise sample (mean) | "
+             "with cosine selection (mean) |", "|---|---|---|---|"]
+    for tag, item in summary["analysis"].items():
+        lines.append(f"| {tag} | {item['barrier'][tag]:.4f} | {item['samples_mean']['random sample']:.2f} | "
+                     f"{item['samples_mean']['cosine selection']:.2f} |")
+    lines.append(f"\nFP error barrier (Eq. 2): {summary['fp_barrier']:.4f}")
+    return lines
 
 
 PMQ_ROW_NAMES = {"rtn": "RTN", "gptq": "GPTQ", "epmq": "E-PMQ"}

@@ -30,6 +30,18 @@ def compose_cfg(tmp_path, monkeypatch):
     context.__exit__(None, None, None)
 
 
+@pytest.fixture
+def streets_cfg(tmp_path, monkeypatch):
+    """compose(stage, *overrides) for experiment=streets with runs under tmp_path (the digits TINY overrides name
+    keys the segmentation plug-ins do not have)."""
+    monkeypatch.setenv("HDRQ_RUNS_DIR", str(tmp_path / "runs"))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        yield lambda stage, *overrides: compose("config", overrides=[
+            f"stage={stage}", "experiment=streets", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
+            *overrides])
+
+
 @pytest.fixture(autouse=True)
 def _single_thread_and_offline(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")

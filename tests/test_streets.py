@@ -6,34 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from resume import killed_resumed_and_uninterrupted, same_tensors
-from tiny import CONF_DIR
 
 from hdrq_lightning.artifacts import read_json
 from hdrq_lightning.data.streets import STREETS_CLASSES, render_streets
-from hdrq_lightning.errors import ConfigError
 from hdrq_lightning.models.hrda import multires_inference, random_detail_box, slide, training_forward
 from hdrq_lightning.models.segnet import build_segnet
-from hdrq_lightning.quant.facts import reconstruction_units
 from hdrq_lightning.stages.adapt import run_adapt
 from hdrq_lightning.stages.source import run_source
 
 SMALL = ["source.iterations=6", "adapt.iterations=4", "adapt.checkpoint_every=2", "data.eval_batch_size=100",
          "adapt.rare_class_sampling.enabled=true"]
-
-
-@pytest.fixture
-def streets_cfg(tmp_path, monkeypatch):
-    """compose(stage, *overrides) for experiment=streets with runs under tmp_path (the digits TINY overrides name
-    keys the segmentation plug-ins do not have)."""
-    monkeypatch.setenv("HDRQ_RUNS_DIR", str(tmp_path / "runs"))
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        yield lambda stage, *overrides: compose("config", overrides=[
-            f"stage={stage}", "experiment=streets", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
-            *overrides])
 
 
 def test_render_is_deterministic_cached_and_shifted(tmp_path):
@@ -75,8 +58,6 @@ def test_segnet_outputs_quarter_resolution_and_multires_limits():
     assert all(v % 8 == 0 for v in box) and box[2] - box[0] == 32
     fused, detail = training_forward(model, x[:, :, :, :64], box)
     assert fused.shape == (2, 10, 16, 16) and detail.shape == (2, 10, 8, 8)
-    with pytest.raises(ConfigError, match="not available yet"):  # quantization of segmentation: issue 17
-        reconstruction_units(model)
 
 
 def test_source_and_hrda_through_the_plugins(streets_cfg, tmp_path):

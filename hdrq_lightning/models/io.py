@@ -89,6 +89,14 @@ def load_state_into(model: nn.Module, state: Mapping[str, torch.Tensor], path: P
     return model
 
 
+def integer_model(model: nn.Module, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> nn.Module:
+    """The float ``model`` (of the file's architecture) folded, quantized with the file's numerics and loaded with
+    the integer ``state`` (no range search: the ranges come from the state), in eval mode."""
+    numerics = QuantConfig(**json.loads(metadata["quant_config"]))
+    quantized = quantize_model(fold_batch_norm(model), numerics, init_ranges=False)
+    return load_integer_state(quantized, dict(state)).eval()
+
+
 def load_model_file(path: Path, fallback_architecture: Mapping[str, Any] | None = None) -> nn.Module:
     """The network a model file describes (float, BN-folded float or integer-quantized), in eval mode."""
     path = Path(path)
@@ -97,9 +105,7 @@ def load_model_file(path: Path, fallback_architecture: Mapping[str, Any] | None 
     kind = metadata.get("format", "fp")
     if kind == "quantized":
         state, _ = load_integer_file(path)
-        numerics = QuantConfig(**json.loads(metadata["quant_config"]))
-        quantized = quantize_model(fold_batch_norm(model), numerics, init_ranges=False)
-        return load_integer_state(quantized, state).eval()
+        return integer_model(model, state, metadata)
     if kind == "fp_folded":
         model = fold_batch_norm(model)
     return load_state_into(model, load_weights(path), path).eval()

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from hdrq_lightning.errors import ConfigError
 from hdrq_lightning.models.backbones import load_backbone_weights
+from hdrq_lightning.quant.facts import QuantFacts
 
 
 class ResNetEncoder(nn.Module):
@@ -117,10 +118,56 @@ class SegNet(nn.Module):
         """Single-scale logits at 1/4 of the input resolution."""
         return self.decode(self.features(x))
 
-    def reconstruction_units(self) -> list[tuple[str, nn.Module]]:
-        raise ConfigError("quantizing the segmentation network (block reconstruction, post-merge quantization) is not "
-                          "available yet: its head reads four encoder levels, and the engine's unit walker serves "
-                          "chains only. Segmentation experts can be trained (hdrq source / adapt) and evaluated.")
+    def calibration_forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        """Both heads on one single-scale pass: what calibration and the unit capture run (HRDA's context pass
+        when ``x`` is the crop at the context scale)."""
+        levels = self.features(x)
+        logits = self.decode(levels)
+        return (logits,) if self.attention_head is None else (logits, self.attention(levels))
+
+    def _stem_modules(self) -> list[nn.Module]:
+        m = self.encoder.model
+        deep = isinstance(m.conv1, nn.Sequential)
+        return [*(m.conv1 if deep else [m.conv1]), m.bn1, m.act1]
+
+    def reconstruction_units(self, granularity: str = "layer") -> list[tuple[str, nn.Module]]:
+        """Units in call order (the capture walker serves them: the heads read four encoder levels).
+
+        ``layer`` (the official HDRQ split, 48 units for the R101 network): the stem's convs one unit each
+        (a deep stem's three conv + BN + ReLU; the max-pool belongs to no unit), every residual block, and per
+        head each embedding, the fuse conv and the classifier. ``block``: one stem unit, the residual blocks,
+        and each head as one unit reading the four levels."""
+        m = self.encoder.model
+        stem = self._stem_modules()
+        if granularity == "layer" and isinstance(m.conv1, nn.Sequential):
+            convs = [i for i, module in enumerate(stem)  # Conv2d or its quantized swap
+                     if isinstance(getattr(module, "weight", None), Tensor) and module.weight.dim() == 4]
+            bounds = [*convs, len(stem)]
+            units = [(f"stem.{k}", nn.Sequential(*stem[bounds[k]:bounds[k + 1]])) for k in range(len(convs))]
+        else:
+            units = [("stem", nn.Sequential(*stem))]
+        for stage in ("layer1", "layer2", "layer3", "layer4"):
+            units += [(f"{stage}.{index}", block) for index, block in enumerate(getattr(m, stage))]
+        heads = [("head", self.head)] + ([] if self.attention_head is None else [("attention", self.attention_head)])
+        for name, head in heads:
+            if granularity == "block":
+                units.append((name, head))
+                continue
+            units += [(f"{name}.embed.{i}", linear) for i, linear in enumerate(head.embed)]
+            units += [(f"{name}.fuse", head.fuse), (f"{name}.classifier", head.classifier)]
+        return units
+
+    def quant_facts(self) -> QuantFacts:
+        """As the official HDRQ segmentation code: 8-bit weights on the first stem conv and both classifiers, 8-bit
+        inputs to both classifiers (the fuse ReLUs' outputs), the linear embeddings' outputs quantized with a
+        symmetric quantizer (no ReLU follows them), the classifiers' outputs unquantized."""
+        first = "encoder.model.conv1.0" if isinstance(self.encoder.model.conv1, nn.Sequential) \
+            else "encoder.model.conv1"
+        heads = ["head"] + ([] if self.attention_head is None else ["attention_head"])
+        embeds = tuple(f"{h}.embed.*" for h in heads)
+        return QuantFacts(eight_bit_weights=(first, *(f"{h}.classifier" for h in heads)),
+                          eight_bit_outputs=tuple(f"{h}.fuse.2" for h in heads),
+                          output_quantized=embeds, symmetric_outputs=embeds)
 
 
 def build_segnet(backbone: str, num_classes: int, embed_dim: int = 786, fuse_dim: int = 128,

@@ -17,6 +17,8 @@ class ShotNet(nn.Module):
     ``features`` returns the bottleneck features used for SHOT's clustering pseudo labels.
     """
 
+    reconstruction_chain = True  # stem, blocks and head compose to the forward (quant/facts.py)
+
     def __init__(self, backbone: nn.Module, num_classes: int, bottleneck_dim: int = 256) -> None:
         super().__init__()
         self.backbone = backbone

@@ -25,7 +25,7 @@ from hdrq_lightning.pmq.gptq import GptqInfo, Grid, gptq_quantize, round_to_near
 from hdrq_lightning.pmq.methods import PmqMethod
 from hdrq_lightning.pmq.objective import TaskMoments, deployed_input_errors, layer_rows
 from hdrq_lightning.quant.cache import CacheBudget, cache_budget_bytes
-from hdrq_lightning.quant.facts import reconstruction_units
+from hdrq_lightning.quant.facts import reconstruction_units, walks_as_chain
 from hdrq_lightning.quant.walker import UnitWalker
 
 WEIGHTED = (nn.Conv2d, nn.Linear)
@@ -128,6 +128,11 @@ class PostMergeQuantizer:
         self.base = None if base is None else {name: m for name, m in base.named_modules() if is_weighted(m)}
         self.calibration, self.method, self.quantize, self.grid = list(calibration), method, quantize, grid
         self.anchor_blend, self.chunk = anchor_blend, chunk
+        if not walks_as_chain(self.deployed):
+            raise ConfigError(
+                f"post-merge quantization walks a chain of units; {type(self.deployed).__name__} does not declare "
+                "reconstruction_chain = True (its units do not compose to its forward, e.g. the segmentation "
+                "network's heads). Quantize such a model with hdrq quantize, or declare a chain.")
         self.units = reconstruction_units(self.deployed)
         self.expert_units = [[unit for _, unit in reconstruction_units(e)] for e in self.experts]
         self.walker = UnitWalker([u for _, u in self.units], [u for _, u in self.units], self.deployed, chunk=chunk)

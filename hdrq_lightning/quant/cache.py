@@ -16,8 +16,10 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from hdrq_lightning.errors import ConfigError
 
@@ -27,7 +29,6 @@ CACHE_DEVICES = ("auto", "device", "host")
 # Share of the GPU memory free at a unit's start that an automatic budget may fill (the rest is left for the
 # step's activations, gradients and graph pools).
 AUTO_BUDGET_FRACTION = 0.6
-CACHE_NAMES = ("quant_input", "fp_input", "fp_target")
 
 
 def check_cache_device(cache_device: str) -> None:
@@ -69,30 +70,57 @@ class CacheBudget:
 class UnitCache:
     """The cached tensors of one unit in one pass; those named in ``host`` live in host memory.
 
+    A unit called with one tensor (a chain's unit, a layer) has ``fp_input`` and ``quant_input`` tensors; a unit
+    called with several (a decoder reading four encoder levels, keyword arguments) has a tuple of input tensors
+    (the leaves of its call ``(args, kwargs)``), rebuilt into the call by ``spec``. Each tensor has a name:
+    ``quant_input``, ``fp_input`` and ``fp_target``, or ``quant_input.0``, ``quant_input.1``, ... per leaf.
     (On a CPU-only run "host" tensors are ordinary CPU tensors: the same code path, no copies.)
     """
 
     pass_name: str
     block: int
-    fp_input: torch.Tensor
-    quant_input: torch.Tensor
+    fp_input: torch.Tensor | tuple[torch.Tensor, ...]
+    quant_input: torch.Tensor | tuple[torch.Tensor, ...]
     fp_target: torch.Tensor
     device: torch.device
     host: frozenset[str] = frozenset()
+    spec: Any = None  # pytree spec of the unit's call (args, kwargs) over the input leaves; None: one tensor
     _staging: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.fp_target)
 
+    def input_names(self, kind: str) -> list[str]:
+        """Names of the ``quant_input`` or ``fp_input`` tensors, in leaf order."""
+        value = getattr(self, kind)
+        return [kind] if isinstance(value, torch.Tensor) else [f"{kind}.{i}" for i in range(len(value))]
+
+    @property
+    def names(self) -> list[str]:
+        return [*self.input_names("quant_input"), *self.input_names("fp_input"), "fp_target"]
+
     def tensor(self, name: str) -> torch.Tensor:
-        return getattr(self, name)
+        kind, _, index = name.partition(".")
+        value = getattr(self, kind)
+        return value[int(index)] if index else value
+
+    def call(self, leaves: list[torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The unit's call ``(args, kwargs)`` from its input leaves (a batch of rows of each)."""
+        if self.spec is None:
+            return (leaves[0],), {}
+        return pytree.tree_unflatten(leaves, self.spec)
+
+    def run(self, unit: torch.nn.Module, leaves: list[torch.Tensor]) -> Any:
+        """``unit`` called on a batch of its input leaves."""
+        args, kwargs = self.call(leaves)
+        return unit(*args, **kwargs)
 
     def on_device(self, name: str) -> bool:
         return name not in self.host
 
     @property
     def host_names(self) -> list[str]:
-        return [name for name in CACHE_NAMES if name in self.host]
+        return [name for name in self.names if name in self.host]
 
     def gather_device(self, name: str, indices: torch.Tensor) -> torch.Tensor:
         """Rows ``indices`` of a device-resident tensor, in its memory layout (graph-capturable).

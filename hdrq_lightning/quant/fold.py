@@ -91,18 +91,6 @@ def _pairs_from_graph(model: nn.Module, graph: fx.Graph) -> list[tuple[str, str]
     return pairs
 
 
-def _pairs_from_registration(model: nn.Module) -> list[tuple[str, str]]:
-    """(layer, norm) names where the norm is registered right after the layer in the same parent."""
-    pairs = []
-    for parent_name, parent in model.named_modules():
-        prefix = f"{parent_name}." if parent_name else ""
-        children = list(parent.named_children())
-        for (layer_name, layer), (norm_name, norm) in zip(children, children[1:]):
-            if _foldable(layer, norm):
-                pairs.append((prefix + layer_name, prefix + norm_name))
-    return pairs
-
-
 @torch.no_grad()
 def _fold_into(layer: nn.Conv2d | nn.Linear, norm: nn.BatchNorm1d | nn.BatchNorm2d) -> None:
     """Absorb the eval-mode affine map of ``norm`` into ``layer``'s weight and bias (in float64)."""
@@ -119,23 +107,41 @@ def _fold_into(layer: nn.Conv2d | nn.Linear, norm: nn.BatchNorm1d | nn.BatchNorm
         layer.bias.copy_(new_bias.to(dtype))
 
 
+def _pairs(module: nn.Module, prefix: str, guessed: list[str]) -> list[tuple[str, str]]:
+    """Fold pairs of ``module`` from its torch.fx graph; a module that does not trace pairs its direct children
+    by registration order and each child is tried the same way (so a traceable encoder inside an untraceable
+    model, e.g. a deep stem whose last conv feeds a BN outside its Sequential, still folds by its graph)."""
+    graph = symbolic_graph(module)
+    if graph is not None:
+        return [(prefix + layer, prefix + norm) for layer, norm in _pairs_from_graph(module, graph)]
+    pairs = []
+    children = list(module.named_children())
+    for (layer_name, layer), (norm_name, norm) in zip(children, children[1:]):
+        if _foldable(layer, norm):
+            pairs.append((prefix + layer_name, prefix + norm_name))
+            guessed.append(f"{prefix}{layer_name} -> {prefix}{norm_name}")
+    for name, child in children:
+        if any(p for p in child.children()):
+            pairs += _pairs(child, f"{prefix}{name}.", guessed)
+    return pairs
+
+
 def fold_batch_norm(model: nn.Module) -> nn.Module:
     """Eval-mode deep copy with weight norm removed and every foldable BatchNorm folded into its producer.
 
-    Pairs come from torch.fx tracing; models that do not trace fall back to registration order within
-    each parent. Folded norms become ``nn.Identity``; the others stay and are reported with a warning.
+    Pairs come from torch.fx tracing; a module that does not trace falls back to registration order among its
+    children, whose own submodules are traced again. Folded norms become ``nn.Identity``; the others stay and
+    are reported with a warning.
     """
     folded = remove_weight_norm_(_deepcopy(model)).eval()
-    graph = symbolic_graph(folded)
-    if graph is None:
+    guessed: list[str] = []
+    pairs = list(dict.fromkeys(_pairs(folded, "", guessed)))
+    if guessed:
         warnings.warn(
-            f"{type(model).__name__} does not trace with torch.fx; BatchNorm layers are paired with the "
-            "Conv2d/Linear registered right before them.",
+            f"{type(model).__name__} does not trace with torch.fx everywhere; where it does not, BatchNorm layers "
+            f"are paired with the Conv2d/Linear registered right before them: {guessed}.",
             stacklevel=2,
         )
-        pairs = _pairs_from_registration(folded)
-    else:
-        pairs = _pairs_from_graph(folded, graph)
     for layer_name, norm_name in pairs:
         _fold_into(folded.get_submodule(layer_name), folded.get_submodule(norm_name))
         folded.set_submodule(norm_name, nn.Identity())

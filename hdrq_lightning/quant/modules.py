@@ -8,11 +8,12 @@ steps (``quantize_model(..., init_ranges=False)`` then ``initialize_weight_range
 """
 
 import copy
+import dataclasses
 import fnmatch
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -262,11 +263,14 @@ def quantize_model(model: nn.Module, config: QuantConfig, init_ranges: bool = Tr
         producers = set()
     eight_bit_weights, eight_bit_outputs = (_eight_bit_layers(quantized, targets, producers, facts)
                                             if config.first_last_8bit else (set(), set()))
+    symmetric = facts.symmetric_outputs if facts else ()
+    _check_patterns(names, tuple(symmetric), "quant_facts().symmetric_outputs")
     for name, module in targets.items():
         weight_bits = 8 if name in eight_bit_weights else config.w_bits
         output_bits = (8 if name in eight_bit_outputs else config.a_bits) if name in producers else None
         factory = QUANT_MODULE_REGISTRY[type(module)]
-        quantized.set_submodule(name, factory.from_float(module, config, weight_bits, output_bits))
+        layer_config = dataclasses.replace(config, a_symmetric=True) if _matches(name, symmetric) else config
+        quantized.set_submodule(name, factory.from_float(module, layer_config, weight_bits, output_bits))
     norms = [
         name
         for name, module in quantized.named_modules()
@@ -346,12 +350,14 @@ class _UniformSample:
 
 @torch.no_grad()
 def calibrate_activations(
-    model: nn.Module, batches: Iterable[Tensor], search: str = "mse", max_samples: int = CALIBRATION_SAMPLES
+    model: nn.Module, batches: Iterable[Any], search: str = "mse", max_samples: int = CALIBRATION_SAMPLES,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
 ) -> None:
     """Initialise every activation quantizer of ``model`` (a whole network or one block) from its inputs.
 
     Runs ``model`` in eval mode with the activation quantizers bypassed while sampling up to ``max_samples``
-    of each quantizer's inputs, then sets each range and mode "nearest". Batches may be (input, target) pairs.
+    of each quantizer's inputs, then sets each range and mode "nearest". Batches may be (input, target) pairs;
+    ``forward(model, batch)`` runs a batch of another shape (a unit with several inputs).
     """
     quantizers = dict(activation_quantizers(model))
     samples = {name: _UniformSample(max_samples) for name in quantizers}
@@ -365,7 +371,10 @@ def calibrate_activations(
     model.eval()
     try:
         for batch in batches:
-            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+            if forward is not None:
+                forward(model, batch)
+            else:
+                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
     finally:
         for hook in hooks:
             hook.remove()

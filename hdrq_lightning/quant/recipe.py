@@ -143,6 +143,7 @@ class Recipe:
     first_last_8bit: bool = True
     init_search: str = "mse"
     checkpoint_every: int = 500       # iterations between checkpoints (Lightning epochs of the engine)
+    units: str = "layer"              # unit granularity of models that offer two (layer: official, block: coarser)
     weight: WeightRecipe = field(default_factory=WeightRecipe)
     activation: ActivationRecipe = field(default_factory=ActivationRecipe)
     noise: NoiseRecipe = field(default_factory=NoiseRecipe)
@@ -163,6 +164,8 @@ class Recipe:
         if self.noise.enabled and self.weight.rounding == "adaround":
             raise ConfigError("noise-based quantization trains latent weights: set quant.weight.rounding=latent "
                               "(AdaRound learns rounding offsets, which noise would bypass).")
+        if self.units not in ("layer", "block"):
+            raise ConfigError(f"quant.units={self.units!r} is unknown; use layer (the official units) or block.")
         for name in ("iters", "act_iters", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"quant.{name} must be a positive integer.")
@@ -188,7 +191,7 @@ class Recipe:
         cfg = dict(cfg)
         nested = {"weight": WeightRecipe, "activation": ActivationRecipe, "noise": NoiseRecipe}
         known = {f.name for f in fields(cls)}
-        unknown = set(cfg) - known - {"calibration_size", "runtime"}
+        unknown = set(cfg) - known - {"calibration_size", "runtime", "distance_anchor"}
         if unknown:
             raise ConfigError(f"unknown quant config keys {sorted(unknown)}; valid keys: {sorted(known)}.")
         kwargs: dict[str, Any] = {}

@@ -29,13 +29,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hdrq_lightning.errors import ArtifactError, ConfigError
-from hdrq_lightning.quant.cache import CACHE_NAMES, CacheBudget, UnitCache, cache_budget_bytes
-from hdrq_lightning.quant.facts import reconstruction_units
+from hdrq_lightning.quant.cache import CacheBudget, UnitCache, cache_budget_bytes
+from hdrq_lightning.quant.facts import reconstruction_units, walks_as_chain
 from hdrq_lightning.quant.hooks import LossTerm
 from hdrq_lightning.quant.modules import activation_quantizers, calibrate_activations, quant_layers
 from hdrq_lightning.quant.quantizers import batch_uniforms
 from hdrq_lightning.quant.recipe import Recipe, Runtime
-from hdrq_lightning.quant.walker import UnitWalker
+from hdrq_lightning.quant.walker import CaptureWalker, UnitWalker
 
 log = logging.getLogger("hdrq")
 
@@ -104,13 +104,18 @@ class ReconstructionModule(L.LightningModule):
         self._step = 0
         self.register_buffer("adaround_weight", torch.zeros(()), persistent=False)
         self.register_buffer("adaround_beta", torch.zeros(()), persistent=False)
-        self.fp_blocks = [unit for _, unit in reconstruction_units(fp_model)]
-        named_units = reconstruction_units(quant_model)
+        fp_units = reconstruction_units(fp_model, recipe.units)
+        named_units = reconstruction_units(quant_model, recipe.units)
+        self.fp_blocks = [unit for _, unit in fp_units]
         self.block_names = [name for name, _ in named_units]
         self.quant_blocks = [unit for _, unit in named_units]
         self.block_layers = self._layers_per_block()
-        self.walker = UnitWalker(self.fp_blocks, self.quant_blocks, self.quant_model, cache_batch_size,
-                                 self.runtime.channels_last)
+        if walks_as_chain(fp_model):
+            self.walker = UnitWalker(self.fp_blocks, self.quant_blocks, self.quant_model, cache_batch_size,
+                                     self.runtime.channels_last)
+        else:  # any graph: each unit's call captured on a forward of the whole model
+            self.walker = CaptureWalker(self.fp_model, self.quant_model, fp_units, named_units, cache_batch_size,
+                                        self.runtime.channels_last)
         self.plan = build_plan(recipe, len(self.quant_blocks))
         self.total_iters = sum(phase.iters for phase in self.plan)
         self.loss_terms: dict[str, LossTerm] = {}  # added by callbacks (HDRQ's distance regulariser)
@@ -214,7 +219,7 @@ class ReconstructionModule(L.LightningModule):
         if self.runtime.compile:
             # the compiled step does not specialise on the calibration size: compile_ahead's worker compiles the
             # same graphs on a small calibration set, and other calibration sizes reuse them
-            for name in CACHE_NAMES:
+            for name in self._cache.names:
                 torch._dynamo.maybe_mark_dynamic(self._cache.tensor(name), 0)
         if self._cache.host_names:
             log.info("unit %s: %s kept in host memory (over the cache budget)", self.block_names[phase.block],
@@ -241,8 +246,10 @@ class ReconstructionModule(L.LightningModule):
         if _trains_activations(phase.pass_name):
             quantizers = [q for _, q in activation_quantizers(block)]
             if any(not bool(q.initialized) for q in quantizers):
-                chunks = (chunk.to(self.device, non_blocking=True) for chunk in cache.quant_input.split(recipe.batch_size))
-                calibrate_activations(block, chunks, search=recipe.init_search)
+                leaves = [cache.tensor(name) for name in cache.input_names("quant_input")]
+                chunks = ([leaf[start : start + recipe.batch_size].to(self.device, non_blocking=True)
+                           for leaf in leaves] for start in range(0, len(cache), recipe.batch_size))
+                calibrate_activations(block, chunks, search=recipe.init_search, forward=cache.run)
             local = self._local_slice()
             for quantizer in quantizers:
                 quantizer.set_mode("nearest")
@@ -393,11 +400,14 @@ class ReconstructionModule(L.LightningModule):
         return recipe.adaround_reg_weight, end + (start - end) * max(0.0, 1.0 - progress)
 
     def _unit_loss(self, unit: nn.Module, layers: list[nn.Module], extras: dict[str, list[torch.Tensor | None]],
-                   pass_name: str, inputs: torch.Tensor, target: torch.Tensor, reg_weight: torch.Tensor,
-                   beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruction error of one unit plus AdaRound's regulariser and the loss terms on its ``layers``."""
+                   pass_name: str, inputs: torch.Tensor | tuple[tuple[Any, ...], dict[str, Any]],
+                   target: torch.Tensor, reg_weight: torch.Tensor, beta: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction error of one unit plus AdaRound's regulariser and the loss terms on its ``layers``.
+
+        ``inputs``: the unit's input tensor, or its call ``(args, kwargs)`` for a unit with several inputs."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.runtime.bf16):
-            output = unit(inputs)
+            output = unit(inputs) if isinstance(inputs, torch.Tensor) else unit(*inputs[0], **inputs[1])
         reconstruction = (output.float() - target).pow(2).sum(dim=1).mean()
         loss = reconstruction
         if self.recipe.weight.rounding == "adaround" and _trains_weights(pass_name) and layers:
@@ -445,9 +455,13 @@ class ReconstructionModule(L.LightningModule):
         start = rank * size + min(rank, extra)
         return slice(start, start + size + (rank < extra))
 
+    def _mixes(self, pass_name: str) -> bool:
+        return _trains_activations(pass_name) and self.recipe.input_quant_prob < 1.0
+
     def _needed(self, pass_name: str) -> list[str]:
-        mixes = _trains_activations(pass_name) and self.recipe.input_quant_prob < 1.0
-        return ["quant_input", "fp_target"] + (["fp_input"] if mixes else [])
+        cache = self._cache
+        return [*cache.input_names("quant_input"), "fp_target",
+                *(cache.input_names("fp_input") if self._mixes(pass_name) else [])]
 
     def _host_rows(self, pass_name: str, indices: torch.Tensor,
                    static: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -460,16 +474,22 @@ class ReconstructionModule(L.LightningModule):
                 for name in names}
 
     def _batch(self, pass_name: str, indices: torch.Tensor, host_rows: dict[str, torch.Tensor], local: slice
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's slice ``local`` of the global batch: inputs (mixed as the recipe says) and FP targets."""
-        rows = {name: host_rows[name] if name in host_rows else self._cache.gather_device(name, indices[local])
+               ) -> tuple[torch.Tensor | tuple[tuple[Any, ...], dict[str, Any]], torch.Tensor]:
+        """This rank's slice ``local`` of the global batch: inputs (mixed as the recipe says) and FP targets.
+
+        A unit with several inputs gets each mixed with its own mask, in leaf order, and its call rebuilt."""
+        cache = self._cache
+        rows = {name: host_rows[name] if name in host_rows else cache.gather_device(name, indices[local])
                 for name in self._needed(pass_name)}
-        inputs = rows["quant_input"]
-        if "fp_input" in rows:
+        leaves = [rows[name] for name in cache.input_names("quant_input")]
+        if self._mixes(pass_name):
             # drawn for the global batch in logical order: layout- and world-size-independent
             batch_rows = (self.recipe.batch_size, local.start, local.stop)
-            mask = batch_uniforms(batch_rows, tuple(inputs.shape[1:]), inputs.device) < self.recipe.input_quant_prob
-            inputs = torch.where(mask, inputs, rows["fp_input"])
+            for i, fp_name in enumerate(cache.input_names("fp_input")):
+                mask = batch_uniforms(batch_rows, tuple(leaves[i].shape[1:]), leaves[i].device) \
+                    < self.recipe.input_quant_prob
+                leaves[i] = torch.where(mask, leaves[i], rows[fp_name])
+        inputs = leaves[0] if cache.spec is None else cache.call(leaves)
         return inputs, rows["fp_target"]
 
     def _batch_loss(self, unit: nn.Module, layers: list[nn.Module], extras: dict[str, list[torch.Tensor | None]],
@@ -641,7 +661,8 @@ class ReconstructionModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("reconstruction")
-        if state is None or state["recipe"] != self.recipe.to_dict():
+        # (checkpoints from before quant.units existed were written with its default)
+        if state is None or {"units": "layer", **state["recipe"]} != self.recipe.to_dict():
             raise ArtifactError(
                 "the reconstruction checkpoint was written with a different quant recipe; resume with the same "
                 "quant settings, or start over with force=true."

@@ -57,6 +57,30 @@ def _check_quantized_expert(record: dict, recipe: Recipe, expert_dir) -> None:
             f"(force=true replaces that dir).")
 
 
+def quantized_experts(cfg: DictConfig, targets) -> list[tuple[dict, dict]]:
+    """(integer state, metadata) of each target's quantized expert of ``cfg.quant``'s method and bits, checked
+    against the experts' own records."""
+    recipe = Recipe.from_config(cfg.quant)
+    expert_runs = [stage_run(cfg, "quantize", recipe.tag, target) for target in targets]
+    for expert_run in expert_runs:
+        _check_quantized_expert(require_finished(expert_run, cfg, "merge"), recipe, expert_run.dir)
+    return [load_integer_file(r.dir / QUANTIZED_FILE) for r in expert_runs]
+
+
+def quantized_merge(cfg: DictConfig, targets, method, experts: list[tuple[dict, dict]] | None = None
+                    ) -> tuple[dict, dict]:
+    """(merged integer state, its metadata) of the quantized experts with the merge plug-in ``method``."""
+    loaded = experts if experts is not None else quantized_experts(cfg, targets)
+    merged = method.merge([state for state, _ in loaded])
+    return merged, {**loaded[0][1], "merge_method": cfg.merge.method, "target": "+".join(targets)}
+
+
+def merge_method(cfg: DictConfig, **overrides):
+    """The configured merge plug-in (``merge.method`` with ``merge.params``, ``overrides`` on top)."""
+    params = OmegaConf.to_container(cfg.merge.params, resolve=True)
+    return get_merge_method(cfg.merge.method, **{**params, **overrides})
+
+
 def run_merge(cfg: DictConfig) -> dict:
     dm = build_datamodule(cfg)
     run = stage_run(cfg, "merge", merge_key(cfg))
@@ -66,13 +90,7 @@ def run_merge(cfg: DictConfig) -> dict:
     if not start_fresh_if_forced(cfg, run):
         return run.metrics()
     if cfg.merge.experts == "quantized":
-        recipe = Recipe.from_config(cfg.quant)
-        expert_runs = [stage_run(cfg, "quantize", recipe.tag, target) for target in dm.targets]
-        for expert_run in expert_runs:
-            _check_quantized_expert(require_finished(expert_run, cfg, "merge"), recipe, expert_run.dir)
-        loaded = [load_integer_file(r.dir / QUANTIZED_FILE) for r in expert_runs]
-        merged = method.merge([state for state, _ in loaded])
-        metadata = {**loaded[0][1], "merge_method": cfg.merge.method, "target": "+".join(dm.targets)}
+        merged, metadata = quantized_merge(cfg, dm.targets, method)
         run.prepare(cfg)
         save_integer_state(merged, run.dir / MERGED_FILE, metadata=metadata)
     else:

@@ -1,4 +1,5 @@
-"""Stage `pipeline`: the whole classification study in one command, reusing every finished stage."""
+"""Stage `pipeline`: the whole study (Table 2 for classification, Table 1 for segmentation) in one command,
+reusing every finished stage."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from hdrq_lightning.analysis import BarrierCurve, plot_loss_surface
 from hdrq_lightning.artifacts import read_json
@@ -17,7 +18,7 @@ from hdrq_lightning.gpus import data_parallel
 from hdrq_lightning.report import log_summary_to_wandb, write_summary
 from hdrq_lightning.stages.adapt import run_adapt
 from hdrq_lightning.stages.analyze import run_analyze
-from hdrq_lightning.stages.common import stage_run
+from hdrq_lightning.stages.common import build_datamodule, build_task, stage_run
 from hdrq_lightning.stages.evaluate import evaluate_run
 from hdrq_lightning.stages.merge import merge_key, run_merge
 from hdrq_lightning.stages.pmq import pmq_key, run_pmq
@@ -106,6 +107,16 @@ def run_pmq_block(cfg: DictConfig, overrides: list[str], targets: list[str]) -> 
     return block
 
 
+def _merged_entry(result: dict) -> dict:
+    """A merged model's evaluation for the summary: per domain and H (the means over merge samples where there
+    are several), per-class IoU (segmentation) and the merge-sample statistics."""
+    entry = {"per_domain": result["per_domain"], "hmean": result["hmean"]}
+    for key in ("per_class", "merge_samples"):
+        if key in result:
+            entry[key] = result[key]
+    return entry
+
+
 def run_pipeline(cfg: DictConfig) -> dict:
     if data_parallel(cfg.trainer):
         # Lightning's DDP re-runs the whole command per rank: every rank would run every stage of the pipeline
@@ -127,26 +138,38 @@ def run_pipeline(cfg: DictConfig) -> dict:
     fp_cfg = variant(overrides, ["stage=merge", "merge=fp", f"merge.method={cfg.pipeline.fp_merge}"])
     run_merge(fp_cfg)
     fp_merged = evaluate_run(fp_cfg, "merge", merge_key(fp_cfg))
+    task = build_task(cfg)
     summary = {
         "experiment": cfg.name, "source": source["domain"], "targets": targets,
+        "task": task.name, "metric": task.metric_name,
         "source_only": {t: adapted[t]["source_only_acc"] for t in targets},
         "fp": {"experts": {t: adapted[t]["adapted_acc"] for t in targets},
-               "merged": {"per_domain": fp_merged["per_domain"], "hmean": fp_merged["hmean"]}},
+               "merged": _merged_entry(fp_merged)},
         "results": [],
     }
+    if task.name == "segmentation":
+        summary["classes"] = list(build_datamodule(cfg).classes)
+    if cfg.get("reference"):
+        summary["reference"] = OmegaConf.to_container(cfg.reference, resolve=True)
+    draws = cfg.pipeline.get("merge_num_samples") or {}
     for method in cfg.pipeline.methods:
         for w_bits, a_bits in bit_widths:
             qcfg = variant(overrides, ["stage=quantize", f"quant={method}", f"quant.w_bits={w_bits}",
-                                       f"quant.a_bits={a_bits}"])
+                                       f"quant.a_bits={a_bits}",
+                                       *([f"merge.params.num_samples={draws[method]}"] if method in draws else [])])
             quantized = run_quantize(qcfg)
             run_merge(qcfg)
             merged = evaluate_run(qcfg, "merge", merge_key(qcfg))
-            summary["results"].append({
+            row = {
                 "method": method, "w_bits": w_bits, "a_bits": a_bits,
                 "experts": {t: quantized[t]["quant_acc"] for t in targets},
-                "merged": {"per_domain": merged["per_domain"], "hmean": merged["hmean"]},
+                "merged": _merged_entry(merged),
                 "quantize_seconds": round(sum(quantized[t]["seconds"] for t in targets), 1),
-            })
+            }
+            if all("quant_per_class" in quantized[t] for t in targets):
+                row["experts_per_class"] = {t: quantized[t]["quant_per_class"] for t in targets}
+                summary["fp"].setdefault("experts_per_class", {t: quantized[t]["fp_per_class"] for t in targets})
+            summary["results"].append(row)
     if cfg.pipeline.pmq.merges:
         summary["pmq"] = run_pmq_block(cfg, overrides, targets)
     curves: dict[str, BarrierCurve] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -14,7 +15,8 @@ from hdrq_lightning.callbacks import engine_callbacks
 from hdrq_lightning.callbacks.compile_ahead import CompileAheadCallback
 from hdrq_lightning.callbacks.progress import StageProgress
 from hdrq_lightning.callbacks.wall_clock import WallClock
-from hdrq_lightning.evaluation import domain_accuracy
+from hdrq_lightning.errors import ConfigError
+from hdrq_lightning.evaluation import evaluate_domains
 from hdrq_lightning.gpus import data_parallel
 from hdrq_lightning.models.build import architecture
 from hdrq_lightning.models.io import model_metadata, save_model_file
@@ -43,13 +45,29 @@ def run_quantize(cfg: DictConfig) -> dict:
     recipe = Recipe.from_config(cfg.quant)
     source_run = stage_run(cfg, "source", dm.source)
     require_finished(source_run, cfg, "quantize")
-    source_folded = fold_batch_norm(load_model(cfg, dm.num_classes, source_run.weights_path))
+    source_folded = fold_batch_norm(load_model(cfg, dm.num_classes, distance_anchor(cfg, source_run)))
     results = {}
     for target in dm.targets:
         adapt_run = stage_run(cfg, "adapt", target)
         require_finished(adapt_run, cfg, "quantize")
         results[target] = quantize_one(cfg, dm, recipe, source_folded, adapt_run.weights_path, target)
     return results
+
+
+def distance_anchor(cfg: DictConfig, source_run) -> Path:
+    """The weights HDRQ's distance term pulls towards (``quant.distance_anchor``): ``source``, the source stage's
+    model (the experts' shared start: a source-trained network for SHOT, the ImageNet-initialised network for
+    HRDA's ``source=seg_init`` and the supervised game model of ``streets``), or a local weight file of the same
+    architecture (e.g. a GTA-trained source model, or the official code's HRDA_ResNet101_Backbone_PT)."""
+    anchor = str(cfg.quant.get("distance_anchor", "source"))
+    if anchor == "source":
+        return source_run.weights_path
+    path = Path(anchor).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"quant.distance_anchor={anchor!r} is neither 'source' nor an existing weight file; give "
+                          "source (the source stage's model) or the path of a .safetensors/.pt state dict of the "
+                          "same network.")
+    return path
 
 
 def quantize_one(cfg: DictConfig, dm, recipe: Recipe, source_folded: torch.nn.Module, expert_weights,
@@ -62,8 +80,9 @@ def quantize_one(cfg: DictConfig, dm, recipe: Recipe, source_folded: torch.nn.Mo
     fp_model = fold_batch_norm(load_model(cfg, dm.num_classes, expert_weights))
     quant_model = quantize_model(fp_model, recipe.numerics())
     run.prepare(cfg)
-    calibration = torch.cat([images for images, _, _ in dm.calibration_loader(
-        target, size=cfg.quant.calibration_size, batch_size=recipe.batch_size)])
+    task = build_task(cfg)
+    calibration = task.calibration_inputs(torch.cat([images for images, _, _ in dm.calibration_loader(
+        target, size=cfg.quant.calibration_size, batch_size=recipe.batch_size)]))
     runtime = Runtime.from_config(cfg.quant.get("runtime"))
     if runtime.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -82,9 +101,11 @@ def quantize_one(cfg: DictConfig, dm, recipe: Recipe, source_folded: torch.nn.Mo
     if trainer.global_rank != 0:
         return {}
     module.finalize()
-    task = build_task(cfg)
-    fp_acc = domain_accuracy(fp_model, dm, target, task)
-    quant_acc = domain_accuracy(quant_model, dm, target, task)
+    fp_result = evaluate_domains(fp_model, dm, [target], task=task)
+    quant_result = evaluate_domains(quant_model, dm, [target], task=task)
+    fp_acc, quant_acc = fp_result["per_domain"][target], quant_result["per_domain"][target]
+    per_class = {} if "per_class" not in quant_result else {  # segmentation: IoU per class on the own target
+        "fp_per_class": fp_result["per_class"][target], "quant_per_class": quant_result["per_class"][target]}
     save_model_file(export_integer_state(quant_model.cpu()), run.dir / QUANTIZED_FILE, model_metadata(
         "quantized", architecture(cfg.model, dm.num_classes), recipe.numerics(), method=recipe.method,
         target=target))
@@ -95,9 +116,12 @@ def quantize_one(cfg: DictConfig, dm, recipe: Recipe, source_folded: torch.nn.Mo
         wandb.log({"quantize/test/fp_acc": fp_acc, "quantize/test/quant_acc": quant_acc,
                    "quantize/seconds": seconds})
         wandb.finish()
-    notice.info("quantize %s %s: FP %.2f%%, quantized %.2f%% (%.1fs)", recipe.tag, target, fp_acc, quant_acc, seconds)
+    unit = "%" if task.metric_name == "accuracy" else f" {task.metric_name}"
+    notice.info("quantize %s %s: FP %.2f%s, quantized %.2f%s (%.1fs)", recipe.tag, target, fp_acc, unit, quant_acc,
+                unit, seconds)
     return run.finish({"stage": "quantize", "method": recipe.method, "w_bits": recipe.w_bits,
                        "a_bits": recipe.a_bits, "target": target,
-                       "fp_acc": fp_acc, "quant_acc": quant_acc, "seconds": seconds,
+                       "metric": task.metric_name, "fp_acc": fp_acc, "quant_acc": quant_acc, **per_class,
+                       "seconds": seconds,
                        "iterations": module.total_iters, "device": str(trainer.strategy.root_device),
                        "recipe": recipe.to_dict()})

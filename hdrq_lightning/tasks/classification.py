@@ -29,6 +29,10 @@ class ClassificationTask:
         ``hmean`` and ``mean`` in %. No sync across processes: after a data-parallel run rank 0 sees every image."""
         return MultiDomainAccuracy(domains, sync_on_compute=False)
 
+    def calibration_inputs(self, images: Tensor) -> Tensor:
+        """What calibration (activation ranges, block reconstruction, GPTQ) feeds the network: the images."""
+        return images
+
     def predict(self, model: nn.Module, images: Tensor) -> Tensor:
         """The model's logits for a batch of whole images."""
         return model(images)

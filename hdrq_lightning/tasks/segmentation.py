@@ -47,6 +47,14 @@ class SegmentationTask:
     def metric(self, domains: Sequence[str]) -> Metric:
         return _LabelSizeMeanIoU(domains, self.num_classes, self.ignore_index, sync_on_compute=False)
 
+    def calibration_inputs(self, images: Tensor) -> Tensor:
+        """The calibration crops as the network first sees them: under multi-resolution inference the context pass,
+        i.e. the crop downscaled by ``context_scale`` (what the official code's hooks capture on a unit's first
+        call); under whole-image inference the crops themselves."""
+        if self.inference != "multires":
+            return images
+        return F.interpolate(images, scale_factor=self.context_scale, mode="bilinear", align_corners=False)
+
     def predict(self, model: nn.Module, images: Tensor) -> Tensor:
         """Logits at the input image's size."""
         if self.inference == "multires" and getattr(model, "attention_head", None) is not None:
