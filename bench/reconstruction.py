@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hdrq_lightning.callbacks import engine_callbacks  # noqa: E402
-from hdrq_lightning.models.shot import build_shot_net  # noqa: E402
+from hdrq_lightning.models.build import build_model  # noqa: E402
 from hdrq_lightning.quant.fold import fold_batch_norm  # noqa: E402
 from hdrq_lightning.quant.modules import quantize_model  # noqa: E402
 from hdrq_lightning.quant.recipe import Recipe, Runtime  # noqa: E402
@@ -108,8 +108,11 @@ def build_engine(model_name: str, method: str, path: str, calibration: int, imag
     runtime_fields = {f.name for f in dataclasses.fields(Runtime)}
     runtime = dataclasses.replace(PATHS[path], **{k: v for k, v in overrides.items() if k in runtime_fields})
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = runtime.tf32
-    fp = fold_batch_norm(build_shot_net(model_name, 65).eval())
-    recipe = Recipe.from_config({**PRESETS[method], "w_bits": 4, "a_bits": 4,
+    fp = fold_batch_norm(build_model(model_config(model_name)).eval())
+    preset = PRESETS[method]
+    if model_name in SEGMENTATION_MODELS:  # the official segmentation setting: per-tensor symmetric weights
+        preset = {**preset, "weight": {**preset.get("weight", {}), "per_channel": False, "symmetric": True}}
+    recipe = Recipe.from_config({**preset, "w_bits": 4, "a_bits": 4,
                                  **{k: v for k, v in overrides.items() if k not in runtime_fields}})
     module = ReconstructionModule(fp, quantize_model(fp, recipe.numerics()),
                                   torch.randn(calibration, 3, image, image), recipe, runtime=runtime)
@@ -117,8 +120,19 @@ def build_engine(model_name: str, method: str, path: str, calibration: int, imag
     return module, callbacks
 
 
+# The paper's segmentation network (ResNet-101c OS8 + both DAFormer heads, 19 classes) and the built-in one.
+SEGMENTATION_MODELS = {
+    "seg_r101": {"_target_": "hdrq_lightning.models.segnet.build_segnet", "backbone": "resnet101c", "num_classes": 19},
+    "seg_tiny": {"_target_": "hdrq_lightning.models.segnet.build_segnet", "backbone": "resnet_tiny", "num_classes": 10,
+                 "embed_dim": 64, "fuse_dim": 64, "attention_dim": 32},
+}
+
+
 def model_config(model_name: str) -> dict[str, Any]:
-    """The architecture the compile-ahead worker rebuilds (as the quantize stage gives it)."""
+    """The architecture the compile-ahead worker rebuilds (as the quantize stage gives it): a SHOT network of a
+    timm ResNet (65 classes), or a segmentation network (``seg_r101``, ``seg_tiny``)."""
+    if model_name in SEGMENTATION_MODELS:
+        return dict(SEGMENTATION_MODELS[model_name])
     return {"_target_": "hdrq_lightning.models.shot.build_shot_net", "backbone": model_name, "num_classes": 65}
 
 
