@@ -1,4 +1,5 @@
-"""One real-size HRDA training step of the paper's network, timed, eager vs bf16 (a benchmark, not a test).
+"""One real-size HRDA training step of the paper's network, timed, eager vs bf16, without and with activation
+checkpointing (a benchmark, not a test).
 
     python bench/hrda_step.py --steps 12 --warmup 4 --out bench/results
 
@@ -52,22 +53,23 @@ class StepTimer(L.Callback):
         self.stamps.append(time.perf_counter())
 
 
-def measure(bf16: bool, steps: int, warmup: int, size: int, detail: int) -> dict:
+def measure(bf16: bool, steps: int, warmup: int, size: int, detail: int, checkpointing: bool = False) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = build_segnet("resnet101c", num_classes=19)
     dm = types.SimpleNamespace(seed=0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), source="gta5",
-                               step_loader=lambda streams, iterations, start, batch_size=None: torch.utils.data.DataLoader(
+                               step_loader=lambda streams, iterations, start, batch_size=None, **_: torch.utils.data.DataLoader(
                                    RandomBatches(iterations, 2, size, 19), batch_size=None))
     module = HrdaModule(model, dm, "cityscapes", iterations=steps, lr=6e-5, warmup=1500, ema_alpha=0.999,
-                        detail_size=(detail, detail), detail_stride=(detail // 2, detail // 2), bf16=bf16)
+                        detail_size=(detail, detail), detail_stride=(detail // 2, detail // 2), bf16=bf16,
+                        activation_checkpointing=checkpointing)
     timer = StepTimer(warmup)
     trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=steps, max_epochs=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, callbacks=[timer],
                         enable_model_summary=False)
     trainer.fit(module)
     steady = [b - a for a, b in zip(timer.stamps[warmup:], timer.stamps[warmup + 1:])]
-    return {"bf16": bf16, "ms_per_step": round(1000 * sum(steady) / len(steady), 1),
+    return {"bf16": bf16, "activation_checkpointing": checkpointing, "ms_per_step": round(1000 * sum(steady) / len(steady), 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "steady_steps": len(steady)}
 
 
@@ -82,7 +84,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench/hrda_step.py needs a CUDA device.")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    results = [measure(bf16, args.steps, args.warmup, args.crop, args.detail) for bf16 in (False, True)]
+    results = [measure(bf16, args.steps, args.warmup, args.crop, args.detail, checkpointing)
+               for checkpointing in (False, True) for bf16 in (False, True)]
     for r in results:
         print(json.dumps(r), flush=True)
     gpu = torch.cuda.get_device_name()

@@ -209,3 +209,32 @@ def test_feature_distance_on_thing_classes_and_not_in_the_checkpoint():
     assert not any("reference" in key for key in module.state_dict())
     with pytest.raises(ConfigError, match="feature_distance"):
         _module(feature_distance=0.5)
+
+
+def test_activation_checkpointing_changes_no_number_and_counts_each_batch_once():
+    """The encoder with activation checkpointing (blocks recomputed in the backward pass) gives the same loss and
+    gradients as without, and its BatchNorm running statistics and counters are updated once per forward."""
+    import copy
+
+    from hdrq_lightning.models.segnet import build_segnet
+
+    torch.manual_seed(0)
+    plain = build_segnet("resnet_tiny", 5, embed_dim=8, fuse_dim=8, attention_dim=4).train()
+    recomputed = copy.deepcopy(plain)
+    recomputed.encoder.checkpointing = True
+    x = torch.randn(2, 3, 32, 32)
+    results = []
+    for model in (plain, recomputed):
+        torch.manual_seed(1)  # the same dropout draws
+        loss = model(x).square().mean() + model.attention(model.features(x)).mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
+                        {n: b.clone() for n, b in model.named_buffers()}))
+    (loss_a, grads_a, buffers_a), (loss_b, grads_b, buffers_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-6)
+    for name in buffers_a:
+        torch.testing.assert_close(buffers_a[name], buffers_b[name], rtol=0, atol=0)
+    assert int(buffers_b["encoder.model.bn1.num_batches_tracked"]) == 2  # two forwards, not three
+    assert int(buffers_b["encoder.model.layer1.0.bn1.num_batches_tracked"]) == 2

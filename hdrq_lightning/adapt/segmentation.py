@@ -164,7 +164,7 @@ class HrdaModule(_Base):
                  blur_prob: float = 0.5, pseudo_margins: dict[str, list[int]] | None = None,
                  feature_distance: float = 0.0, thing_classes: tuple[int, ...] = THING_CLASSES,
                  reference: nn.Module | None = None, bf16: bool = False,
-                 rare_class_sampling: dict | None = None) -> None:
+                 rare_class_sampling: dict | None = None, activation_checkpointing: bool = False) -> None:
         super().__init__(model, dm, iterations, lr, head_lr_mult, weight_decay, warmup, context_scale, detail_size,
                          detail_weight, seed=dm.seed)
         if classes_from not in ("batch", "image") or teacher_bn not in ("train", "eval"):
@@ -188,6 +188,11 @@ class HrdaModule(_Base):
         self.bf16 = bf16
         self.rare_class_sampling = dict(rare_class_sampling or {})
         self.teacher = copy.deepcopy(model).requires_grad_(False)
+        encoder = getattr(model, "encoder", None)
+        if activation_checkpointing:
+            if not hasattr(encoder, "checkpointing"):
+                raise ConfigError("adapt.activation_checkpointing=true needs a SegNet encoder (models/segnet.py).")
+            encoder.checkpointing = True  # the student's residual blocks (the teacher runs without gradients)
         mean = torch.tensor(dm.mean if dm.mean is not None else (0.0, 0.0, 0.0)).view(1, 3, 1, 1)
         std = torch.tensor(dm.std if dm.std is not None else (1.0, 1.0, 1.0)).view(1, 3, 1, 1)
         self.register_buffer("pixel_mean", mean, persistent=False)

@@ -15,9 +15,12 @@ Nothing is downloaded: ImageNet weights come from ``checkpoint_path`` (a timm st
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import timm
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.models.resnet import BasicBlock, ResNet
 from torch import Tensor, nn
 
@@ -33,6 +36,7 @@ class ResNetEncoder(nn.Module):
         super().__init__()
         self.model = resnet
         self.out_channels = [resnet.feature_info[i]["num_chs"] for i in range(1, 5)]
+        self.checkpointing = False  # activation checkpointing of the residual blocks while training (a runtime option)
 
     def stem(self, x: Tensor) -> Tensor:
         m = self.model
@@ -41,10 +45,45 @@ class ResNetEncoder(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         m, levels = self.model, []
         x = self.stem(x)
+        recompute = self.checkpointing and torch.is_grad_enabled()
         for stage in (m.layer1, m.layer2, m.layer3, m.layer4):
-            x = stage(x)
+            x = checkpointed(stage, x) if recompute else stage(x)
             levels.append(x)
         return levels
+
+
+@contextmanager
+def frozen_batch_norm_statistics(module: nn.Module):
+    """BatchNorm layers of ``module`` normalise as they are (batch statistics in training) without updating their
+    running statistics or counters: the recomputation of a checkpointed forward must not count a batch twice."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+             and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+
+
+def checkpointed(stage: nn.Sequential, x: Tensor) -> Tensor:
+    """``stage`` block by block with activation checkpointing (only each block's input is kept; the block runs
+    again in the backward pass, with the same random state and its BatchNorm statistics frozen)."""
+    for block in stage:
+        calls = [0]
+
+        def run(inputs: Tensor, block: nn.Module = block, calls: list[int] = calls) -> Tensor:
+            calls[0] += 1
+            if calls[0] == 1:
+                return block(inputs)
+            with frozen_batch_norm_statistics(block):
+                return block(inputs)
+
+        x = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+    return x
 
 
 def build_encoder(backbone: str, output_stride: int = 8, pretrained: bool = False,

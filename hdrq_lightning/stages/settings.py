@@ -22,7 +22,7 @@ DATA_IDENTITY_KEYS = ("name", "source", "seed", "image_size", "resize_size", "va
                       "num_classes", "crop_size", "train_scale", "test_scale", "cat_max_ratio", "mean", "std")
 # Keys inside the groups below that say how a stage runs, not what it computes (a resumed run may change them).
 RUNTIME_KEYS = ("quant.runtime", "quant.checkpoint_every", "pmq.chunk", "source.checkpoint_every",
-                "adapt.checkpoint_every")
+                "adapt.checkpoint_every", "adapt.activation_checkpointing")
 
 _TRAINED = ("seed", "model", "source")
 # stage dir -> (config groups or keys, whether the data's target list matters)
