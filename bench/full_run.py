@@ -67,7 +67,7 @@ class UnitTimer:
         if label is not None:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self.stamps.append((phase.block, phase.pass_name, label, module.phase_iteration, time.perf_counter()))
+            self.stamps.append((phase.unit, phase.pass_name, label, module.phase_iteration, time.perf_counter()))
 
 
 def _is_number(text: str) -> bool:
@@ -119,7 +119,7 @@ def main() -> None:
         by_unit.setdefault((stamp[0], stamp[1]), []).append(stamp)
     extrapolated = 0.0
     for (block, pass_name), marks in by_unit.items():
-        phase = next(p for p in module.plan if p.block == block and p.pass_name == pass_name)
+        phase = next(p for p in module.plan if p.unit == block and p.pass_name == pass_name)
         times = {label: t for _, _, label, _, t in marks}
         cache_s = times["start"] - previous_end
         target = args.target_iters if pass_name != "activations" else args.target_iters // 4
@@ -138,7 +138,7 @@ def main() -> None:
         steady_ms = [1000 * s[1] / max(1, s[2]) for s in segments]
         unit_target = cache_s + one_off + sum(ms / 1000 * s[3] for ms, s in zip(steady_ms, segments))
         extrapolated += unit_target
-        units.append({"unit": module.block_names[block], "pass": pass_name, "cache_s": round(cache_s, 2),
+        units.append({"unit": module.unit_names[block], "pass": pass_name, "cache_s": round(cache_s, 2),
                       "first_steps_s": round(one_off, 2), "steady_ms_per_iter": [round(x, 3) for x in steady_ms],
                       "seconds_at_target": round(unit_target, 1)})
         previous_end = times["last"]

@@ -33,7 +33,7 @@ def main() -> None:
     module, callbacks = build_engine(args.model, args.method, args.path, args.calibration, iters=20000,
                                      batch_size=32, cuda_graphs=False)
     module = drive_directly(module, callbacks, "cuda")
-    phase = next(p for p in module.plan if p.block == module.block_names.index(args.unit))
+    phase = next(p for p in module.plan if p.unit == module.unit_names.index(args.unit))
     noise = module.recipe.noise
     # the noise switch (a step hook) sets the mode from the iteration: start where the wanted mode runs
     switch = noise.switch_iteration(phase.iters) if args.mode == "nearest" and noise.enabled else 0

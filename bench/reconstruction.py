@@ -91,7 +91,7 @@ def matmul_tflops(dtype: torch.dtype, tf32: bool, device: str, size: int = 8192,
 
 def unit_flops(module: ReconstructionModule) -> int:
     """Forward + backward FLOPs of one step of the current unit (counted by torch's FlopCounterMode)."""
-    unit = module.quant_blocks[module.phase.block]
+    unit = module.quant_units[module.phase.unit]
     inputs = module.cache.quant_input[: module.recipe.batch_size].clone().requires_grad_(False)
     with FlopCounterMode(display=False) as counter:
         out = unit(inputs)
@@ -152,16 +152,16 @@ def bench_model(args: argparse.Namespace, model_name: str, method: str, path: st
     recipe = module.recipe
     counts = Counter()
     first_unit: dict[str, int] = {}
-    for index, name in enumerate(module.block_names):
+    for index, name in enumerate(module.unit_names):
         stage = name.split(".")[0]
-        position = sum(1 for n in module.block_names[:index] if n.split(".")[0] == stage) if "." in name else 0
+        position = sum(1 for n in module.unit_names[:index] if n.split(".")[0] == stage) if "." in name else 0
         kind = unit_type(name, position)
         counts[kind] += 1
         first_unit.setdefault(kind, index)
     modes = ["noise", "nearest"] if recipe.noise.enabled else ["nearest"]
     rows = {}
     for kind, block in first_unit.items():
-        phase = next(p for p in module.plan if p.block == block)
+        phase = next(p for p in module.plan if p.unit == block)
         for mode in modes:
             switch = recipe.noise.switch_iteration(phase.iters) if mode == "nearest" and recipe.noise.enabled else 0
             if args.device == "cuda":

@@ -72,7 +72,7 @@ def test_worker_from_the_fake_quant_step_of_the_current_unit(tmp_path):
     compile_ahead.write_payload(engine, tmp_path / "payload.pt", compile_ahead.ahead_start(engine), model_config=THREE_BLOCK_STAGE_CONFIG)
     twin = compile_ahead.build_twin(tmp_path / "payload.pt", "cpu")
     modes = []
-    twin.step_hooks["record"] = lambda module: modes.append((module.phase.block, _weight_modes(module)))
+    twin.step_hooks["record"] = lambda module: modes.append((module.phase.unit, _weight_modes(module)))
     while not twin.finished:
         twin.reconstruction_step()
     assert [block for block, _ in modes] == [0] + [b for b in range(1, len(engine.plan)) for _ in range(2)]
@@ -92,7 +92,7 @@ def test_the_twin_of_a_ddp_rank_takes_that_ranks_slice_of_the_batch(tmp_path, wo
     compile_ahead.write_payload(engine, tmp_path / "payload.pt", start=(0, 0), model_config=THREE_BLOCK_STAGE_CONFIG)  # every unit
     twin = compile_ahead.build_twin(tmp_path / "payload.pt", "cpu")
     assert twin._local_slice() == engine._local_slice() != slice(0, engine.recipe.batch_size)
-    drops = {q.batch_rows for q in twin.quant_blocks[0].modules() if hasattr(q, "batch_rows")}
+    drops = {q.batch_rows for q in twin.quant_units[0].modules() if hasattr(q, "batch_rows")}
     assert drops == {(8, engine._local_slice().start, engine._local_slice().stop)}
 
 

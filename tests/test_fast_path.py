@@ -79,7 +79,7 @@ def test_units_of_one_shape_share_a_compiled_graph(backend, noise, monkeypatch):
         losses = []
         while not module.finished:
             losses.append(module.reconstruction_step()[0].item())
-        return module.block_names, losses
+        return module.unit_names, losses
 
     names, eager_losses = run(Runtime())
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))

@@ -205,13 +205,13 @@ def test_qdrop_drops_in_the_current_unit_only_under_the_trainer(tiny_models, met
         def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
             if module.finished:
                 return
-            current = {id(q) for _, q in activation_quantizers(module.quant_blocks[module.phase.block])}
+            current = {id(q) for _, q in activation_quantizers(module.quant_units[module.phase.unit])}
             for _, quantizer in activation_quantizers(module.quant_model):
                 dropping = quantizer.training and quantizer.drop_prob > 0
                 assert dropping == (id(quantizer) in current and r.drop_prob > 0 and module.phase.pass_name !=
                                     "weights"), (module.phase, quantizer)
             if r.drop_prob > 0 and current and module.phase.pass_name != "weights":
-                block, inputs = module.quant_blocks[module.phase.block], module._cache.quant_input[:4]
+                block, inputs = module.quant_units[module.phase.unit], module._cache.quant_input[:4]
                 with torch.no_grad():  # the drop is random: two forwards differ
                     seen.append(not torch.equal(block(inputs), block(inputs)))
 

@@ -17,7 +17,7 @@ from hdrq_lightning.quant.hooks import Engine, LossTerm
 
 
 class DistanceRegularizer(EngineCallback):
-    """Adds ``weight * sum ||W - W_source||`` over the trained layers of the current block to the engine's loss."""
+    """Adds ``weight * sum ||W - W_source||`` over the trained layers of the current unit to the engine's loss."""
 
     def __init__(self, source_weights: Mapping[str, torch.Tensor], weight: float = 5e-2) -> None:
         self.source_weights = dict(source_weights)

@@ -1,4 +1,4 @@
-"""HDRQ's switch from noise-based quantization to real fake-quantization near the end of every block."""
+"""HDRQ's switch from noise-based quantization to real fake-quantization near the end of every unit."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class NoiseToFakeQuantSwitch(EngineCallback):
 
     def before_step(self, engine: Engine) -> None:
         mode = self.phase_mode(engine.phase_iteration, engine.phase.iters)
-        engine.set_block_modes(weight=mode if self.noise.weights else None,
+        engine.set_unit_modes(weight=mode if self.noise.weights else None,
                                activation=mode if self.noise.activations else None)
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,8 +1,8 @@
-"""Learning-rate schedule of the reconstruction engine: per block, linear warmup then cosine annealing.
+"""Learning-rate schedule of the reconstruction engine: per unit, linear warmup then cosine annealing.
 
 Each optimizer param group carries ``initial_lr`` and ``schedule`` (constant | cosine | warmup_cosine); before
 every step the callback sets ``lr`` of the groups trained in the current phase from the engine's iteration within
-the block, so the schedule is a pure function of (iteration, block length) and resumes exactly.
+the unit, so the schedule is a pure function of (iteration, unit length) and resumes exactly.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ class UnitCache:
     """
 
     pass_name: str
-    block: int
+    unit: int
     fp_input: torch.Tensor | tuple[torch.Tensor, ...]
     quant_input: torch.Tensor | tuple[torch.Tensor, ...]
     fp_target: torch.Tensor

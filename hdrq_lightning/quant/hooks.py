@@ -32,7 +32,7 @@ class Phase(Protocol):
     """One unit trained in one pass: global iterations [start, start + iters)."""
 
     pass_name: str
-    block: int
+    unit: int
     iters: int
     start: int
 
@@ -54,4 +54,4 @@ class Engine(Protocol):
 
     def set_lr(self, group: dict[str, Any], lr: float) -> None: ...
 
-    def set_block_modes(self, weight: str | None = None, activation: str | None = None) -> None: ...
+    def set_unit_modes(self, weight: str | None = None, activation: str | None = None) -> None: ...

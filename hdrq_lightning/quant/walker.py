@@ -89,7 +89,7 @@ class UnitWalker:
         was_training = self.quant_model.training
         self.quant_model.eval()
         try:
-            if previous is not None and previous.pass_name == pass_name and previous.block == index - 1:
+            if previous is not None and previous.pass_name == pass_name and previous.unit == index - 1:
                 fp_input, fp_on_device = previous.fp_target, previous.on_device("fp_target")  # carried forward
                 if fp_on_device and budget.fixed:
                     # a fixed budget counts it; an automatic one measured free memory with it already allocated
@@ -99,10 +99,10 @@ class UnitWalker:
             else:
                 fp_input = quant_input = calibration  # the first unit reads the calibration images in place
                 fp_on_device = quant_on_device = True
-                for block in range(index):
-                    last = block == index - 1
-                    fp_input, fp_on_device = self.run(self.fp_units[block], fp_input, budget, last, device)
-                    quant_input, quant_on_device = self.run(self.quant_units[block], quant_input, budget, last, device)
+                for unit in range(index):
+                    last = unit == index - 1
+                    fp_input, fp_on_device = self.run(self.fp_units[unit], fp_input, budget, last, device)
+                    quant_input, quant_on_device = self.run(self.quant_units[unit], quant_input, budget, last, device)
             del previous
             fp_target, target_on_device = self.run(self.fp_units[index], fp_input, budget, True, device)
         finally:
