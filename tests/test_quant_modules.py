@@ -200,3 +200,40 @@ def test_registry_accepts_new_module_types() -> None:
         assert type(quantized[1]) is QuantHardtanh
     finally:
         del QUANT_MODULE_REGISTRY[nn.Hardtanh]
+
+
+def test_numerics_overrides_apply_in_order_after_the_model_facts():
+    """Per-module overrides (wildcards, later entries win field by field) set bits, granularity, symmetry,
+    output placement and float modules; unknown patterns and fields are refused."""
+    from hdrq_lightning.errors import ConfigError
+    from hdrq_lightning.models.shot import build_shot_net
+    from hdrq_lightning.quant.fold import fold_batch_norm
+
+    torch.manual_seed(0)
+    fp = fold_batch_norm(build_shot_net("resnet_tiny", 5, bottleneck_dim=8).eval())
+    config = QuantConfig(w_bits=4, a_bits=4, overrides=[
+        {"modules": "backbone.layer4.*", "w_bits": 6, "w_per_channel": False},
+        {"modules": ["backbone.layer4.0.conv2"], "w_bits": 3},              # later wins for this one
+        {"modules": "backbone.layer1.0.act1", "quantize_output": False},  # this ReLU stays float
+        {"modules": "backbone.layer2.0.conv1", "quantize_output": True, "a_bits": 8, "a_symmetric": True},
+        {"modules": "classifier", "skip": True},
+    ])
+    quant = quantize_model(fp, config, init_ranges=False)
+    layers = dict(quant_layers(quant))
+    assert layers["backbone.layer4.0.conv1"].weight_quantizer.bits == 6
+    assert not layers["backbone.layer4.0.conv1"].weight_quantizer.per_channel
+    assert layers["backbone.layer4.0.conv2"].weight_quantizer.bits == 3
+    assert not layers["backbone.layer4.0.conv2"].weight_quantizer.per_channel  # from the first entry
+    assert layers["backbone.layer3.0.conv1"].weight_quantizer.bits == 4
+    assert "classifier" not in layers and isinstance(quant.classifier, type(fp.classifier))
+    assert layers["backbone.conv1"].weight_quantizer.bits == 8  # the model's declared fact stays
+    acts = dict(activation_quantizers(quant))
+    assert "backbone.layer1.0.act1.output_quantizer" not in acts
+    q = acts["backbone.layer2.0.conv1.output_quantizer"]
+    assert q.bits == 8 and q.symmetric
+    for bad, message in (([{"modules": "nothing.*", "w_bits": 8}], "does not have"),
+                         ([{"modules": "classifier", "wbits": 8}], "unknown fields"),
+                         ([{"modules": "classifier", "w_bits": 9}], "w_bits"),
+                         ([{"w_bits": 8}], "modules")):
+        with pytest.raises(ConfigError, match=message):
+            quantize_model(fp, QuantConfig(overrides=bad), init_ranges=False)

@@ -49,6 +49,19 @@ def test_source_adapt_quantize_merge_evaluate(compose_cfg, tmp_path):
     result = evaluate_run(cfg, "merge", "qdrop_w4a4")
     assert set(result["per_domain"]) == {"negative", "textured", "rotated"} and 0 <= result["hmean"] <= 100
 
+    # per-module numerics overrides: a finished run with other overrides is refused, naming the key; with force the
+    # written experts carry the overridden grids, and the merge and evaluation rebuild them from the files
+    layer4 = ["quant=qdrop", "quant.w_bits=4", "quant.a_bits=4",
+              "quant.overrides=[{modules: 'backbone.layer4.*', w_bits: 6, w_per_channel: false}]"]
+    with pytest.raises(ArtifactError, match="quant.overrides"):
+        run_quantize(compose_cfg("quantize", *layer4))
+    run_quantize(compose_cfg("quantize", *layer4, "force=true"))
+    state, _ = load_integer_file(tmp_path / "runs/digits/quantize/qdrop_w4a4/negative/quantized.safetensors")
+    assert int(state["backbone.layer4.0.conv1.weight_qmax"]) == 63 and state["backbone.layer4.0.conv1.weight_scale"].numel() == 1
+    assert int(state["backbone.layer3.0.conv1.weight_qmax"]) == 15
+    run_merge(compose_cfg("merge", *layer4, "force=true"))
+    assert 0 <= evaluate_run(compose_cfg("merge", *layer4), "merge", "qdrop_w4a4")["hmean"] <= 100
+
     # finished stages are skipped (same metrics, nothing rewritten) ...
     written = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
     assert run_source(compose_cfg("source"))["test_acc"] == source["test_acc"]

@@ -11,7 +11,7 @@ import copy
 import dataclasses
 import fnmatch
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -31,7 +31,14 @@ CALIBRATION_SAMPLES = 1 << 16
 class QuantConfig:
     """Numerics of a quantized model (BRECQ / QDrop / HDRQ defaults: W4A4, per-channel asymmetric weights).
 
-    ``a_bits=None``: weight-only (no activation quantizer anywhere: GPTQ-style post-merge quantization)."""
+    ``a_bits=None``: weight-only (no activation quantizer anywhere: GPTQ-style post-merge quantization).
+
+    ``overrides``: an ordered list of per-module exceptions applied after the model's declared facts, each
+    ``{"modules": pattern or [patterns], <field>: value, ...}`` with fields among ``OVERRIDE_FIELDS`` (module
+    paths of the float model, ``fnmatch`` wildcards); where several match a module, the later one wins, field by
+    field (as torchao's ``FqnToConfig`` / Model-Optimizer's ``quant_cfg``). E.g.
+    ``[{"modules": "backbone.layer4.*", "w_bits": 8}, {"modules": "head.embed.*", "a_symmetric": true}]``.
+    """
 
     w_bits: int = 4
     a_bits: int | None = 4
@@ -43,6 +50,7 @@ class QuantConfig:
     output_quant_layers: tuple[str, ...] = ()
     skip: tuple[str, ...] = ()
     init_search: str = "mse"
+    overrides: tuple[dict, ...] = ()
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, "w_bits")
@@ -52,6 +60,54 @@ class QuantConfig:
             raise ConfigError(f"init_search={self.init_search!r} is unknown; use one of {RANGE_SEARCHES}.")
         self.output_quant_layers = tuple(self.output_quant_layers)  # Hydra passes lists
         self.skip = tuple(self.skip)
+        self.overrides = tuple(_checked_override(entry, i) for i, entry in enumerate(self.overrides))
+
+
+# Fields an override may set for the modules it names: weight and output bit widths, grid granularity and
+# symmetry, whether the module's output is quantized (placement), and whether it stays in float.
+OVERRIDE_FIELDS = {"w_bits": int, "a_bits": int, "w_per_channel": bool, "w_symmetric": bool, "a_symmetric": bool,
+                   "quantize_output": bool, "skip": bool}
+
+
+def _checked_override(entry: Any, index: int) -> dict:
+    """One override as a plain dict ``{"modules": (patterns...), field: value}``, or a one-paragraph error."""
+    where = f"overrides[{index}]"
+    if not isinstance(entry, Mapping) or "modules" not in entry:
+        raise ConfigError(f"{where}={entry!r} must be a mapping with 'modules' (a module path or wildcard, or a "
+                          f"list of them) and fields among {sorted(OVERRIDE_FIELDS)}, e.g. "
+                          "{modules: 'backbone.layer4.*', w_bits: 8}.")
+    unknown = sorted(set(entry) - {"modules", *OVERRIDE_FIELDS})
+    if unknown:
+        raise ConfigError(f"{where} has unknown fields {unknown}; use 'modules' and {sorted(OVERRIDE_FIELDS)}.")
+    modules = entry["modules"]
+    patterns = (modules,) if isinstance(modules, str) else tuple(modules)
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise ConfigError(f"{where}.modules={modules!r} must be a module path (wildcards allowed) or a list of them.")
+    out: dict[str, Any] = {"modules": patterns}
+    for key, kind in OVERRIDE_FIELDS.items():
+        if key not in entry:
+            continue
+        value = entry[key]
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{where}.{key}={value!r} is not an integer bit width.")
+        if kind is bool and not isinstance(value, bool):
+            raise ConfigError(f"{where}.{key}={value!r} is not true or false.")
+        if kind is int:
+            check_bits(value, f"{where}.{key}")
+        out[key] = value
+    return out
+
+
+def _resolved_overrides(config: QuantConfig, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Per module name, the fields the overrides set for it (later overrides win); every pattern must match."""
+    resolved: dict[str, dict[str, Any]] = {}
+    for index, entry in enumerate(config.overrides):
+        _check_patterns(names, entry["modules"], f"overrides[{index}].modules")
+        fields = {k: v for k, v in entry.items() if k != "modules"}
+        for name in names:
+            if _matches(name, entry["modules"]):
+                resolved.setdefault(name, {}).update(fields)
+    return resolved
 
 
 class QuantConv2d(nn.Module):
@@ -222,8 +278,9 @@ def _eight_bit_layers(model: nn.Module, targets: dict[str, nn.Module], producers
     none (a plain ``nn.Sequential``) gets its first and last weighted layers in call order (torch.fx) and the last
     output quantizer before the last layer."""
     if facts is not None and facts.declares_eight_bit:
-        _check_patterns(targets, facts.eight_bit_weights, "quant_facts().eight_bit_weights")
-        _check_patterns(targets, facts.eight_bit_outputs, "quant_facts().eight_bit_outputs")
+        names = [name for name, _ in model.named_modules()]  # a skipped layer may be named (it stays float)
+        _check_patterns(names, facts.eight_bit_weights, "quant_facts().eight_bit_weights")
+        _check_patterns(names, facts.eight_bit_outputs, "quant_facts().eight_bit_outputs")
         return ({n for n in targets if _matches(n, facts.eight_bit_weights)},
                 {n for n in targets if _matches(n, facts.eight_bit_outputs)})
     order = [name for name in _execution_order(model) if name in targets]
@@ -244,9 +301,11 @@ def quantize_model(model: nn.Module, config: QuantConfig, init_ranges: bool = Tr
     (``initialize_weight_ranges``, the config's range search); off when the ranges come from a file next.
     """
     facts = quant_facts(model)
-    skip = (*config.skip, *(facts.skip if facts else ()))
-    output_layers = (*config.output_quant_layers, *(facts.output_quantized if facts else ()))
     names = [name for name, _ in model.named_modules()]
+    overrides = _resolved_overrides(config, names)
+    skip = (*config.skip, *(facts.skip if facts else ()), *(n for n, o in overrides.items() if o.get("skip")))
+    output_layers = (*config.output_quant_layers, *(facts.output_quantized if facts else ()),
+                     *(n for n, o in overrides.items() if o.get("quantize_output")))
     _check_patterns(names, tuple(config.skip), "skip")
     _check_patterns(names, tuple(config.output_quant_layers), "output_quant_layers")
     quantized = copy.deepcopy(model)
@@ -257,6 +316,11 @@ def quantize_model(model: nn.Module, config: QuantConfig, init_ranges: bool = Tr
     }
     producers = {name for name in targets if not isinstance(getattr(targets[name], "weight", None), Tensor)}
     producers |= {name for name in targets if _matches(name, output_layers)}
+    unquantized_outputs = {n for n, o in overrides.items() if o.get("quantize_output") is False}
+    producers -= unquantized_outputs
+    # a weightless module (ReLU) whose output is not quantized has nothing to swap
+    targets = {name: module for name, module in targets.items() if name in producers
+               or isinstance(getattr(module, "weight", None), Tensor)}
     if config.a_bits is None:  # weight-only: no activation quantizer, weightless modules (ReLU) stay as they are
         targets = {name: module for name, module in targets.items() if name not in producers
                    or isinstance(getattr(module, "weight", None), Tensor)}
@@ -266,10 +330,14 @@ def quantize_model(model: nn.Module, config: QuantConfig, init_ranges: bool = Tr
     symmetric = facts.symmetric_outputs if facts else ()
     _check_patterns(names, tuple(symmetric), "quant_facts().symmetric_outputs")
     for name, module in targets.items():
-        weight_bits = 8 if name in eight_bit_weights else config.w_bits
-        output_bits = (8 if name in eight_bit_outputs else config.a_bits) if name in producers else None
+        override = overrides.get(name, {})
+        weight_bits = override.get("w_bits", 8 if name in eight_bit_weights else config.w_bits)
+        output_bits = override.get("a_bits", 8 if name in eight_bit_outputs else config.a_bits) \
+            if name in producers else None
         factory = QUANT_MODULE_REGISTRY[type(module)]
-        layer_config = dataclasses.replace(config, a_symmetric=True) if _matches(name, symmetric) else config
+        layer_fields = {"a_symmetric": True} if _matches(name, symmetric) else {}
+        layer_fields.update({k: override[k] for k in ("w_per_channel", "w_symmetric", "a_symmetric") if k in override})
+        layer_config = dataclasses.replace(config, **layer_fields) if layer_fields else config
         quantized.set_submodule(name, factory.from_float(module, layer_config, weight_bits, output_bits))
     norms = [
         name

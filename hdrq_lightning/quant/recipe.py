@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
 from hdrq_lightning.errors import ConfigError
 from hdrq_lightning.quant.cache import check_cache_device
 from hdrq_lightning.quant.modules import QuantConfig
@@ -42,6 +44,17 @@ def check_field_types(obj: Any, prefix: str) -> None:
             expected = " or ".join(_TYPE_NAMES.get(k.strip(), k.strip()) for k in f.type.split("|"))
             raise ConfigError(f"{prefix}.{f.name}={value!r} is not {expected}; e.g. {prefix}.{f.name}="
                               f"{f.default if f.default is not MISSING else '...'}.")
+def plain_overrides(value: Any, key: str) -> list[dict]:
+    """``quant.overrides`` / ``pmq.overrides`` from Hydra (lists of DictConfigs) as plain lists of dicts."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}={value!r} must be a list of {{modules: <pattern>, <field>: <value>}} entries.")
+    return [dict(entry) if isinstance(entry, dict) else entry for entry in value]
+
+
 ROUNDINGS = ("adaround", "latent", "nearest")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 
@@ -144,6 +157,7 @@ class Recipe:
     init_search: str = "mse"
     checkpoint_every: int = 500       # iterations between checkpoints (Lightning epochs of the engine)
     units: str = "layer"              # unit granularity of models that offer two (layer: official, block: coarser)
+    overrides: list[dict] = field(default_factory=list)  # per-module numerics exceptions (QuantConfig.overrides)
     weight: WeightRecipe = field(default_factory=WeightRecipe)
     activation: ActivationRecipe = field(default_factory=ActivationRecipe)
     noise: NoiseRecipe = field(default_factory=NoiseRecipe)
@@ -174,7 +188,8 @@ class Recipe:
         """The model-independent numerics of this recipe (the model adds its own exceptions: quant/facts.py)."""
         return QuantConfig(w_bits=self.w_bits, a_bits=self.a_bits, w_per_channel=self.weight.per_channel,
                            w_symmetric=self.weight.symmetric, w_learn_scale=self.weight.learn_scale,
-                           first_last_8bit=self.first_last_8bit, init_search=self.init_search)
+                           first_last_8bit=self.first_last_8bit, init_search=self.init_search,
+                           overrides=tuple(self.overrides))
 
     @property
     def tag(self) -> str:
@@ -208,5 +223,7 @@ class Recipe:
                 value = tuple(value)
             elif key == "passes":
                 value = list(value)
+            elif key == "overrides":
+                value = plain_overrides(value, "quant.overrides")
             kwargs[key] = value
         return cls(**kwargs)

@@ -38,6 +38,7 @@ from hdrq_lightning.quant.export import export_integer_state
 from hdrq_lightning.quant.fold import fold_batch_norm
 from hdrq_lightning.quant.modules import QuantConfig, calibrate_activations, quantize_model
 from hdrq_lightning.quant.quantizers import check_bits
+from hdrq_lightning.quant.recipe import plain_overrides
 from hdrq_lightning.report import wandb_run
 from hdrq_lightning.stages.common import (
     build_datamodule,
@@ -76,7 +77,8 @@ def numerics(cfg: DictConfig) -> QuantConfig:
     if p.a_bits is not None:
         check_bits(p.a_bits, "pmq.a_bits")
     return QuantConfig(w_bits=p.w_bits, a_bits=p.a_bits, w_per_channel=p.per_channel, w_symmetric=p.symmetric,
-                       first_last_8bit=p.first_last_8bit, init_search=p.grid)
+                       first_last_8bit=p.first_last_8bit, init_search=p.grid,
+                       overrides=tuple(plain_overrides(p.get("overrides"), "pmq.overrides")))
 
 
 def _merge(cfg: DictConfig):

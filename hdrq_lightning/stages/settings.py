@@ -82,7 +82,7 @@ def differing_settings(recorded: Mapping[str, Any], current: Mapping[str, Any]) 
 
 # Keys added to the config after runs were recorded without them, with the value those runs implicitly had.
 LEGACY_DEFAULTS = {"model._target_": "hdrq_lightning.models.shot.build_shot_net", "quant.units": "layer",
-                   "quant.distance_anchor": "source"}
+                   "quant.distance_anchor": "source", "quant.overrides": [], "pmq.overrides": []}
 
 
 def settings_mismatch(run: StageRun, cfg: DictConfig, stage: str) -> list[str]:

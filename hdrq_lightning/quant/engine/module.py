@@ -253,8 +253,8 @@ class ReconstructionModule(StepMixin, PhaseMixin, GraphMixin, L.LightningModule)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("reconstruction")
-        # (checkpoints from before quant.units existed were written with its default)
-        if state is None or {"units": "layer", **state["recipe"]} != self.recipe.to_dict():
+        # (checkpoints from before quant.units and quant.overrides existed were written with their defaults)
+        if state is None or {"units": "layer", "overrides": [], **state["recipe"]} != self.recipe.to_dict():
             raise ArtifactError(
                 "the reconstruction checkpoint was written with a different quant recipe; resume with the same "
                 "quant settings, or start over with force=true."
