@@ -92,6 +92,7 @@ def test_killed_adapt_resumes_from_its_last_checkpoint_to_the_same_weights(compo
             == read_json(tmp_path / "runs_uninterrupted/digits/adapt/negative/metrics.json")["adapted_acc"])
 
 
+@pytest.mark.slow  # two gloo processes through the CLI (~50 s); test_distributed.py checks the equality fast
 def test_data_parallel_quantize_through_the_cli(compose_cfg, tmp_path):
     """`hdrq quantize trainer=ddp`: Lightning starts rank 1 by re-running the command line it finds in sys.argv,
     which must come back to the same stage (2 CPU processes over gloo)."""
