@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from hdrq_lightning.errors import ConfigError
 from hdrq_lightning.evaluation import evaluate_domains
 from hdrq_lightning.merge import get_merge_method
 from hdrq_lightning.models.segnet import build_segnet
@@ -289,6 +290,9 @@ def test_merge_sample_s_is_the_merge_with_seed_plus_s_and_shards_are_reused(stre
     for k in (0, 1):
         evaluate_run(streets_cfg("evaluate", *small, "evaluate.merge_samples=3", f"evaluate.sample_shard={k}/2"),
                      "merge", "qdrop_w4a4")
+    with pytest.raises(ConfigError, match="sample_shard"):  # shard jobs must not clear each other's samples
+        evaluate_run(streets_cfg("evaluate", *small, "evaluate.merge_samples=3", "evaluate.sample_shard=0/2",
+                                 "force=true"), "merge", "qdrop_w4a4")
     folder = streets_cfg("evaluate", *small).paths.runs_dir
     samples = sorted((Path(folder) / "streets" / "evaluate" / "merge" / "qdrop_w4a4" / "samples").glob("*.json"))
     assert [p.name for p in samples] == ["0000.json", "0001.json", "0002.json"]

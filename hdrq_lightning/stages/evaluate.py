@@ -162,6 +162,10 @@ def evaluate_run(cfg: DictConfig, *parts: str) -> dict:
         notice.info("re-evaluating %s: %s changed since it was evaluated", "/".join(parts), weights)
         run.clear()
     samples = merge_samples(cfg, parts, weights)
+    if samples > 1 and cfg.evaluate.get("sample_shard") and cfg.force:
+        raise ConfigError("force=true with evaluate.sample_shard would let every shard job clear the samples the "
+                          "others write; clear the evaluation once with an unsharded force=true call (or delete its "
+                          "samples/ folder), then run the shards without force.")
     if run.is_done() and not cfg.force and run.metrics().get("merge_samples", {}).get("n", 1) != samples:
         notice.info("re-evaluating %s with %d merge samples (finished samples are reused)", "/".join(parts), samples)
         run.metrics_path.unlink()
