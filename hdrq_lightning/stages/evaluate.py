@@ -1,4 +1,5 @@
-"""Stage `evaluate`: accuracy of any stage's model on every target domain, and their harmonic mean."""
+"""Stage `evaluate`: the task's score (accuracy, or mIoU with per-class IoU) of any stage's model on every target domain,
+and their harmonic mean; for a quantized merge, optionally over several noise-sampled merges (merge samples)."""
 
 from __future__ import annotations
 
