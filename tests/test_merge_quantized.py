@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from hdrq_lightning.errors import ArtifactError
-from hdrq_lightning.merge import dequantize_state, get_merge_method, merge_quantized_weight
+from hdrq_lightning.merge import dequantize_state, get_merge_method
 
 QMIN, QMAX = -8, 7
 
@@ -107,25 +107,6 @@ def test_eq11_uniform_symmetric_is_step_weighted_integer_average() -> None:
     steps = [expert["conv.weight_scale"].double() for expert in experts]
     paper = torch.round((integers[0] * steps[0] + integers[1] * steps[1]) / (steps[0] + steps[1]))
     assert torch.equal(merged, paper.to(torch.int8))
-
-
-def test_eq12_matches_direct_elementwise_computation() -> None:
-    experts = _asymmetric_experts()
-    weights = [0.5, 0.5]
-    generator = torch.Generator().manual_seed(3)
-    noise = [
-        (torch.rand(3, 2, 4, generator=generator) - 0.5) * expert["conv.weight_scale"] for expert in experts
-    ]
-    merged = merge_quantized_weight(
-        [expert["conv.weight_int"] for expert in experts],
-        [expert["conv.weight_scale"] for expert in experts],
-        [expert["conv.weight_zero_point"] for expert in experts],
-        weights,
-        QMIN,
-        QMAX,
-        noise=noise,
-    )
-    assert torch.equal(merged, _direct_merge(experts, weights, noise))
 
 
 def test_merged_integers_lie_on_the_merged_grid() -> None:

@@ -9,7 +9,6 @@ from hdrq_lightning.merge.quantized import (
     QuantizedLayout,
     QuantizedMerge,
     dequantize_state,
-    merge_quantized_weight,
     quantized_layout,
 )
 from hdrq_lightning.merge.registry import MERGE_METHODS, MergeMethod, get_merge_method, merge_method
@@ -35,6 +34,5 @@ __all__ = [
     "keep_top_magnitudes",
     "merge_batch_norm_buffers",
     "merge_method",
-    "merge_quantized_weight",
     "quantized_layout",
 ]

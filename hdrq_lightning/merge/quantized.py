@@ -123,30 +123,6 @@ def _per_expert_view(weights: Sequence[float], like: Tensor) -> Tensor:
     return torch.tensor(weights, dtype=torch.float64, device=like.device).view((-1,) + (1,) * (like.ndim - 1))
 
 
-def merge_quantized_weight(
-    integers: Sequence[Tensor],
-    scales: Sequence[Tensor],
-    zero_points: Sequence[Tensor],
-    weights: Sequence[float],
-    qmin: int,
-    qmax: int,
-    noise: Sequence[Tensor] | None = None,
-) -> Tensor:
-    """Eq. 11 (``noise=None``) or Eq. 12: clamp(round(sum_k w_k (q_k + noise_k) / D) + z, qmin, qmax).
-
-    ``weights`` are normalised interpolation weights; ``noise`` holds per-expert additive noise in
-    the dequantized domain, shaped like the weight. Returns integers in the experts' dtype.
-    """
-    shape = integers[0].shape
-    values, _ = _dequantized_experts(integers, scales, zero_points)
-    weight = _per_expert_view(weights, values)
-    if noise is not None:
-        values = values + torch.stack([term.double() for term in noise])
-    step = weighted_sum(scales, weights).double().expand(shape)
-    zero_point = torch.round(weighted_sum(zero_points, weights).double()).expand(shape)
-    return _to_grid((weight * values).sum(0) / step, zero_point, qmin, qmax, integers[0].dtype)
-
-
 @dataclass
 class _LayerGrid:
     """One layer's merge: the Eq. 11 integers and, at the ambiguous elements, what sampling needs.
