@@ -74,6 +74,24 @@ def test_capture_walker_equals_the_chain_walker_on_a_chain():
             torch.testing.assert_close(got.tensor(name), expected.tensor(name), rtol=0, atol=1e-5)
 
 
+def test_capture_walker_refuses_units_the_forward_does_not_run_in_order():
+    class Swapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second, self.unused = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.first(self.second(x))  # "second" runs first
+
+    net = Swapped().eval()
+    x = torch.randn(3, 4)
+    for unit, message in ((nn.Sequential(net.first, net.second), "does not run after"),
+                          (net.unused, "never called")):
+        walker = CaptureWalker(net, net, [("u", unit)], [("u", unit)])
+        with pytest.raises(ConfigError, match=message):
+            walker.cache(0, "joint", x, CacheBudget(float("inf")), torch.device("cpu"))
+
+
 def test_segnet_units_cover_every_layer_once_and_reproduce_the_forward():
     """Both granularities: every quantized layer lies in exactly one unit; each unit run on its captured FP input
     gives its captured FP target, and the last units' targets are the two heads' logits."""

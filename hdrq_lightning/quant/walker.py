@@ -193,6 +193,7 @@ class CaptureWalker:
             if state["target"] is None:
                 state["target"], state["target_placed"] = self._store(output, rows, budget, device)
             state["target"][state["start"] : state["start"] + state["n"]].copy_(output)
+            state["returned"] = True
             raise _Stop
 
         handles = [entry.register_forward_pre_hook(on_call, with_kwargs=True)]
@@ -203,7 +204,7 @@ class CaptureWalker:
         try:
             for start in range(0, rows, self.chunk):
                 images = calibration[start : start + self.chunk].to(device, non_blocking=True)
-                state.update(start=start, n=len(images), called=False)
+                state.update(start=start, n=len(images), called=False, returned=False)
                 try:
                     calibration_forward(model, images)
                 except _Stop:
@@ -211,6 +212,9 @@ class CaptureWalker:
                 if not state["called"]:
                     raise ConfigError(f"reconstruction unit {name!r} is never called by the model's calibration "
                                       "forward; reconstruction_units() must name modules the forward runs.")
+                if with_target and not state["returned"]:
+                    raise ConfigError(f"reconstruction unit {name!r}: its last module does not run after its first "
+                                      "one in the model's forward; a unit wraps modules the model calls in order.")
         finally:
             for handle in handles:
                 handle.remove()
