@@ -15,8 +15,14 @@ from hdrq_lightning.models.shot import build_shot_net
 from hdrq_lightning.quant.cache import CacheBudget
 from hdrq_lightning.quant.facts import QuantFacts, reconstruction_units
 from hdrq_lightning.quant.fold import fold_batch_norm
-from hdrq_lightning.quant.modules import QuantConfig, activation_quantizers, quant_layers, quantize_model
-from hdrq_lightning.quant.walker import UnitWalker, capture_unit_inputs
+from hdrq_lightning.quant.modules import (
+    QuantConfig,
+    activation_quantizers,
+    calibrate_activations,
+    quant_layers,
+    quantize_model,
+)
+from hdrq_lightning.quant.walker import CaptureWalker, UnitWalker
 from hdrq_lightning.stages.evaluate import evaluate_run
 from hdrq_lightning.stages.merge import run_merge
 from hdrq_lightning.stages.quantize import run_quantize
@@ -80,6 +86,26 @@ def _walker_setup():
         quantizer.set_range(torch.tensor(0.05), torch.tensor(0.0), signed=False)
         quantizer.set_mode("nearest")
     return fp, quant, torch.randn(20, 3, 32, 32)
+
+
+@torch.no_grad()
+def capture_unit_inputs(model, units, batches):
+    """Reference for the walkers: each unit's call ``(args, kwargs)`` per batch, recorded by forward pre-hooks on one
+    whole forward of ``model`` in eval mode (no early stop, no caching)."""
+    recorded = {name: [] for name, _ in units}
+
+    def hook(name):
+        return lambda _, args, kwargs: recorded[name].append((args, kwargs))
+
+    handles = [unit.register_forward_pre_hook(hook(name), with_kwargs=True) for name, unit in units]
+    model.eval()
+    try:
+        for batch in batches:
+            model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return recorded
 
 
 def test_walker_caches_are_the_models_intermediate_activations_for_a_chain():
@@ -147,19 +173,29 @@ class Fuse(nn.Module):
         return self.proj(x + 2 * skip)
 
 
-def test_walker_captures_the_inputs_of_units_that_do_not_chain():
+def test_capture_walker_serves_units_that_do_not_chain():
+    """The last unit reads the first unit's output as a keyword argument: the capture walker caches both inputs as
+    leaves (FP and quantized-model versions), rebuilds the call, and its target is the model's output."""
     torch.manual_seed(1)
-    net = SkipNet()
-    batches = [torch.randn(4, 6), torch.randn(5, 6)]
-    seen = capture_unit_inputs(net, reconstruction_units(net), batches)
-    for index, x in enumerate(batches):
-        early = net.stem(x)
-        (middle_out,), kwargs = seen["fuse"][index]
-        torch.testing.assert_close(middle_out, net.middle(early))
+    net = SkipNet().eval()
+    quant = quantize_model(net, QuantConfig(w_bits=4, a_bits=4))
+    x = torch.randn(9, 6)
+    calibrate_activations(quant, [x])
+    units, quant_units = reconstruction_units(net), reconstruction_units(quant)
+    walker = CaptureWalker(net, quant, units, quant_units, chunk=4)
+    with torch.no_grad():
+        early, quant_early = net.stem(x), quant.stem(x)
+        cache = walker.cache(2, "joint", x, CacheBudget(float("inf")), torch.device("cpu"))
+        assert cache.input_names("fp_input") == ["fp_input.0", "fp_input.1"] and cache.spec is not None
+        (middle,), kwargs = cache.call([cache.tensor(n) for n in cache.input_names("fp_input")])
+        torch.testing.assert_close(middle, net.middle(early))
         torch.testing.assert_close(kwargs["skip"], early)
-        assert torch.equal(seen["stem"][index][0][0], x)
-        # the captured call reproduces the unit's output on the model's own path
-        torch.testing.assert_close(net.fuse(*seen["fuse"][index][0], **kwargs), net(x))
+        (quant_middle,), quant_kwargs = cache.call([cache.tensor(n) for n in cache.input_names("quant_input")])
+        torch.testing.assert_close(quant_middle, quant.middle(quant_early))
+        torch.testing.assert_close(quant_kwargs["skip"], quant_early)
+        torch.testing.assert_close(cache.fp_target, net(x))
+        first = walker.cache(0, "joint", x, CacheBudget(float("inf")), torch.device("cpu"))
+        assert first.spec is None and torch.equal(first.fp_input, x)
 
 
 def test_a_model_file_rebuilds_its_network_without_the_current_config(tmp_path, monkeypatch):
@@ -173,7 +209,7 @@ def test_a_model_file_rebuilds_its_network_without_the_current_config(tmp_path, 
     quant = quantize_model(folded, numerics)
     images = torch.randn(8, 3, 32, 32)
     from hdrq_lightning.quant.export import export_integer_state
-    from hdrq_lightning.quant.modules import calibrate_activations
+
 
     calibrate_activations(quant, [images])
     path = tmp_path / "quantized.safetensors"

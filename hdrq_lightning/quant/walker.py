@@ -13,7 +13,6 @@ its input as the already-quantized units ``0..k-1`` compute it, and the float un
   whole model runs the calibration rows, and its target by a hook on its last module, which then stops the
   forward (what the official HDRQ code does). Each unit costs a prefix forward per model instead of one unit
   forward; nothing is carried between units, so only the current unit's tensors are held.
-- ``capture_unit_inputs`` records every unit's call arguments over a whole forward (inspection, tests).
 
 The reconstruction engine uses a walker for its unit caches (quant/reconstruction.py): ``UnitWalker`` for models
 that declare their units a chain (``reconstruction_chain``), ``CaptureWalker`` otherwise.
@@ -22,7 +21,7 @@ that declare their units a chain (``reconstruction_chain``), ``CaptureWalker`` o
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -244,32 +243,3 @@ class CaptureWalker:
         names["fp_target"] = target_placed
         return UnitCache(pass_name, index, fp_input, quant_input, target, device,
                          host=frozenset(name for name, on_device in names.items() if not on_device), spec=spec)
-
-
-@torch.no_grad()
-def capture_unit_inputs(model: nn.Module, units: Sequence[tuple[str, nn.Module]], batches: Iterable[Any]
-                        ) -> dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]]:
-    """Each unit's call arguments ``(args, kwargs)`` per batch, recorded with forward pre-hooks while ``model``
-    runs on ``batches`` (in eval mode): for networks whose units do not chain, e.g. a unit that reads several
-    earlier outputs. Tensors are detached; a unit called twice in one forward is recorded twice."""
-    recorded: dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {name: [] for name, _ in units}
-
-    def detach(value: Any) -> Any:
-        return value.detach() if isinstance(value, torch.Tensor) else value
-
-    def hook(name: str):
-        def record(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            recorded[name].append((tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()}))
-        return record
-
-    handles = [unit.register_forward_pre_hook(hook(name), with_kwargs=True) for name, unit in units]
-    training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(training)
-    return recorded
