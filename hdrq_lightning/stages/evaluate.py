@@ -16,7 +16,6 @@ from hdrq_lightning.models.io import model_file, read_metadata
 from hdrq_lightning.report import wandb_run
 from hdrq_lightning.stages.common import (
     build_datamodule,
-    build_model,
     build_task,
     load_model,
     notice,
@@ -86,12 +85,14 @@ def evaluate_merge_samples(cfg: DictConfig, dm, task, run, weights: Path, digest
     (sample 0 is the merge stage's own file), evaluated on every target; each is written to
     ``samples/<s>.json`` (atomic, with the merged file's digest) and reused by later calls. Returns every
     sample 0..N-1 (all must exist when ``part`` covers all)."""
-    from hdrq_lightning.models.io import integer_model
+    from hdrq_lightning.models.build import architecture, build_model
+    from hdrq_lightning.models.io import file_architecture, integer_model
     from hdrq_lightning.stages.merge import merge_method, quantized_experts, quantized_merge
 
     folder = run.dir / "samples"
     base_seed = int(cfg.merge.params.get("seed", cfg.seed))
     experts = None
+    metadata = read_metadata(weights)  # the merged file's numerics and architecture: every sample shares them
     results = []
     for s in range(samples):
         path = folder / f"{s:04d}.json"
@@ -105,8 +106,9 @@ def evaluate_merge_samples(cfg: DictConfig, dm, task, run, weights: Path, digest
             model = load_model(cfg, dm.num_classes, weights, train=False)
         else:
             experts = experts if experts is not None else quantized_experts(cfg, dm.targets)
-            state, metadata = quantized_merge(cfg, dm.targets, merge_method(cfg, seed=base_seed + s), experts)
-            model = integer_model(build_model(cfg, dm.num_classes), state, read_metadata(weights) | metadata)
+            state, _ = quantized_merge(cfg, dm.targets, merge_method(cfg, seed=base_seed + s), experts)
+            network = build_model(file_architecture(weights, architecture(cfg.model, dm.num_classes)))
+            model = integer_model(network, state, metadata)
         result = evaluate_domains(model, dm, list(dm.targets), task=task)
         record = {"sample": s, "seed": base_seed + s, "model_sha256": digest, **result}
         write_json(path, record)
@@ -126,12 +128,12 @@ def summarize_samples(records: list[dict]) -> dict:
     """The merge samples' mean (the headline numbers, as the paper reports the mean over its samples) and
     standard deviation per domain, of the per-sample harmonic means and, for segmentation, per class."""
     domains = list(records[0]["per_domain"])
-    out = {"per_domain": {d: _mean_std([r["per_domain"][d] for r in records])["mean"] for d in domains},
-           "hmean": _mean_std([r["hmean"] for r in records])["mean"],
+    per_domain = {d: _mean_std([r["per_domain"][d] for r in records]) for d in domains}
+    hmean = _mean_std([r["hmean"] for r in records])
+    out = {"per_domain": {d: stats["mean"] for d, stats in per_domain.items()}, "hmean": hmean["mean"],
            "mean": _mean_std([r["mean"] for r in records])["mean"],
-           "merge_samples": {"n": len(records), "seeds": [r["seed"] for r in records],
-                             "per_domain": {d: _mean_std([r["per_domain"][d] for r in records]) for d in domains},
-                             "hmean": _mean_std([r["hmean"] for r in records]),
+           "merge_samples": {"n": len(records), "seeds": [r["seed"] for r in records], "per_domain": per_domain,
+                             "hmean": hmean,
                              "per_sample": [{"seed": r["seed"], "per_domain": r["per_domain"], "hmean": r["hmean"]}
                                             for r in records]}}
     if "per_class" in records[0]:
