@@ -120,19 +120,17 @@ def build_engine(model_name: str, method: str, path: str, calibration: int, imag
     return module, callbacks
 
 
-# The paper's segmentation network (ResNet-101c OS8 + both DAFormer heads, 19 classes) and the built-in one.
-SEGMENTATION_MODELS = {
-    "seg_r101": {"_target_": "hdrq_lightning.models.segnet.build_segnet", "backbone": "resnet101c", "num_classes": 19},
-    "seg_tiny": {"_target_": "hdrq_lightning.models.segnet.build_segnet", "backbone": "resnet_tiny", "num_classes": 10,
-                 "embed_dim": 64, "fuse_dim": 64, "attention_dim": 32},
-}
+# Segmentation networks by their conf/model file: the paper's (ResNet-101c + both DAFormer heads) and the built-in one.
+SEGMENTATION_MODELS = {"seg_r101": ("seg_r101", 19), "seg_tiny": ("seg_tiny", 10)}
 
 
 def model_config(model_name: str) -> dict[str, Any]:
     """The architecture the compile-ahead worker rebuilds (as the quantize stage gives it): a SHOT network of a
     timm ResNet (65 classes), or a segmentation network (``seg_r101``, ``seg_tiny``)."""
     if model_name in SEGMENTATION_MODELS:
-        return dict(SEGMENTATION_MODELS[model_name])
+        conf, num_classes = SEGMENTATION_MODELS[model_name]
+        node = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "model" / f"{conf}.yaml")
+        return {**OmegaConf.to_container(node, resolve=True), "num_classes": num_classes}
     return {"_target_": "hdrq_lightning.models.shot.build_shot_net", "backbone": model_name, "num_classes": 65}
 
 
