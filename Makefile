@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 EXPERIMENT ?= digits
 PYTEST_ARGS ?=
+JOBS_PER_GPU ?= 4
+SWEEP ?= quant=brecq,qdrop,hdrq quant.w_bits=4,3 'quant.a_bits=$${quant.w_bits}'
 
 .DEFAULT_GOAL := help
 
@@ -29,6 +31,13 @@ run: install ## run the whole pipeline on the built-in benchmark (EXPERIMENT=dig
 pmq-ablation: install ## the pipeline plus E-PMQ's anchor sweep (pmq_anchor.png); finished stages are reused
 	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/hdrq pipeline experiment=$(EXPERIMENT) \
 	  'pipeline.pmq.anchor_sweep=[0,0.1,0.3,1,3,10,inf]'
+
+sweep: install ## quantize sweep (SWEEP='<overrides>'), JOBS_PER_GPU=4 jobs per GPU at once; needs '.[sweep]'
+	@gpus=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); \
+	jobs=$$(( gpus > 0 ? gpus * $(JOBS_PER_GPU) : 1 )); \
+	echo "sweep: $$gpus GPU(s), $$jobs jobs at a time"; \
+	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/hdrq quantize -m experiment=$(EXPERIMENT) $(SWEEP) \
+	  hydra/launcher=joblib hydra.launcher.n_jobs=$$jobs gpu_slots=$(JOBS_PER_GPU)
 
 test: install ## fast test suite (skips tests marked slow)
 	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)

@@ -56,7 +56,7 @@ def preset(method: str) -> dict[str, Any]:
 
 PRESETS = {method: preset(method) for method in METHODS}
 PATHS = {
-    "eager": Runtime(compile=False, channels_last=False, tf32=False, fused_optimizer=False),
+    "eager": Runtime(compile=False, channels_last=False, tf32=None, fused_optimizer=False),  # as `hdrq quantize`
     "graphs": Runtime(cuda_graphs=True, channels_last=True, tf32=True, fused_optimizer=True),
     "fast": Runtime(compile=True, cuda_graphs=True, channels_last=True, tf32=True, fused_optimizer=True),
     "fast_bf16": Runtime(compile=True, cuda_graphs=True, channels_last=True, tf32=True, bf16=True,
@@ -107,7 +107,7 @@ def build_engine(model_name: str, method: str, path: str, calibration: int, imag
     torch.manual_seed(0)
     runtime_fields = {f.name for f in dataclasses.fields(Runtime)}
     runtime = dataclasses.replace(PATHS[path], **{k: v for k, v in overrides.items() if k in runtime_fields})
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = runtime.tf32
+    runtime.apply_precision()
     fp = fold_batch_norm(build_model(model_config(model_name)).eval())
     preset = PRESETS[method]
     if model_name in SEGMENTATION_MODELS:  # the official segmentation setting: per-tensor symmetric weights
@@ -266,7 +266,8 @@ def main() -> None:
         for method in args.methods:
             for path in args.paths:
                 runtime = PATHS[path]
-                floor = throughput["bf16" if runtime.bf16 else "tf32" if runtime.tf32 else "fp32"]
+                # tf32 null: TF32 convolutions (torch default)
+                floor = throughput["bf16" if runtime.bf16 else "fp32" if runtime.tf32 is False else "tf32"]
                 results.append(bench_model(args, model_name, method, path, floor))
                 if args.device == "cuda":
                     torch.cuda.empty_cache()

@@ -73,3 +73,26 @@ def test_noise_fidelity_check_runs_and_holds_on_the_cpu(tmp_path):
     (eager,) = json.loads((tmp_path / "noise_fidelity_cpu.json").read_text())["forms"]
     assert eager["zeros_kept"] and eager["ks_vs_rounding_error"] < 0.02 and eager["ks_vs_mirror"] > 0.5
     assert abs(eager["noise_mean"] - eager["rounding_error_mean"]) < 0.005
+
+
+def test_eager_vs_official_times_both_steps_on_every_unit_type(tmp_path):
+    run_bench("eager_vs_official.py", "--model", "resnet_tiny", "--iters", "2", "--warmup", "1", "--profile",
+              "--table", "none", "--out", str(tmp_path), *TINY)
+    result = json.loads((tmp_path / "eager_vs_official_resnet_tiny.json").read_text())
+    units = result["units"]
+    assert list(units) == ["stem", "layer1.first", "layer2.first", "layer3.first", "layer4.first", "head"]
+    for row in units.values():
+        assert row["eager_ms"] > 0 and row["official_ms"] > 0 and row["eager_kernels"] > row["official_kernels"] / 2
+    summed = sum(row["eager_ms"] for row in units.values())
+    assert abs(result["summed_ms_per_iter"]["eager"] - summed) < 0.1
+    assert result["commit"] and result["torch"] == __import__("torch").__version__
+
+
+@pytest.mark.slow
+def test_jobs_per_gpu_runs_k_jobs_at_a_time(tmp_path):
+    run_bench("jobs_per_gpu.py", "--slots", "1", "2", "--jobs", "2", "--no-warmup", "--out", str(tmp_path), "--",
+              "--model", "resnet_tiny", "--method", "qdrop", "--path", "eager", "--iters", "20",
+              "--steps-per-batch", "10", *TINY)
+    result = json.loads((tmp_path / "jobs_per_gpu_resnet50.json").read_text())
+    assert [(r["slots"], r["jobs"], len(r["per_job"])) for r in result["results"]] == [(1, 2, 2), (2, 2, 2)]
+    assert result["results"][0]["speedup"] == 1.0

@@ -174,3 +174,53 @@ def test_device_learning_rates_are_written_only_when_they_change(setup):
     assert group["lr"].item() == 9.0
     module.set_lr(group, 0.25)
     assert group["lr"].item() == 0.25
+
+
+def test_unit_adam_steps_the_active_groups_as_adam_steps_all(setup):
+    """The engine's optimizer looks only at the current unit's groups; the update equals plain Adam's over all
+    groups (the others hold no gradients), and the other groups' parameters and state are untouched."""
+    from hdrq_lightning.quant.engine.module import UnitAdam
+
+    torch.manual_seed(0)
+    params = [torch.randn(5, requires_grad=True) for _ in range(3)]
+    grads = [torch.randn(5) for _ in range(3)]
+
+    def run(kind):
+        copies = [p.detach().clone().requires_grad_(True) for p in params]
+        optimizer = kind([{"params": [copies[0]], "lr": 0.1}, {"params": [copies[1]], "lr": 0.2},
+                          {"params": [copies[2]], "lr": 0.3}])
+        if kind is UnitAdam:
+            optimizer.active = frozenset({id(optimizer.param_groups[1])})
+        for _ in range(3):
+            optimizer.zero_grad()
+            copies[1].grad = grads[1].clone()
+            optimizer.step()
+        return copies, optimizer
+
+    plain, _ = run(torch.optim.Adam)
+    unit, optimizer = run(UnitAdam)
+    for a, b in zip(plain, unit):
+        assert torch.equal(a, b)
+    assert len(optimizer.param_groups) == 3 and list(optimizer.state) == [unit[1]]
+    unit[0].grad = torch.ones(5)  # a gradient outside the active groups is neither used nor cleared
+    optimizer.step()
+    optimizer.zero_grad()
+    assert torch.equal(unit[0], plain[0]) and torch.equal(unit[0].grad, torch.ones(5))
+
+    module = _engine(setup, Recipe(iters=4, batch_size=4, method="qdrop"), Runtime())
+    assert module._optimizer.active == frozenset(id(g) for g in module._active) and module._active
+    assert len(module._optimizer.param_groups) > len(module._active)
+
+
+@pytest.mark.parametrize("tf32", [None, True, False])
+def test_tf32_null_keeps_the_process_settings(tf32):
+    """quant.runtime.tf32: null leaves torch's settings (TF32 convolutions, FP32 matmuls by default, as the
+    official code runs); true and false set both switches."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+        Runtime(tf32=tf32).apply_precision()
+        expected = (False, True) if tf32 is None else (tf32, tf32)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == expected
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn

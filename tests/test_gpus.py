@@ -60,3 +60,32 @@ def test_no_claim_with_one_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(gpus, "_held", {})
     assert gpus.claim_gpu() is None
+
+
+def test_slots_let_k_processes_share_each_gpu_filled_gpu_by_gpu(two_gpus):
+    """gpu_slots=2 on two GPUs: the first two processes take one GPU each, the next two the second slots, a
+    fifth waits (here: the claim would block, so only the four are taken); a freed slot is taken again."""
+    held = []
+    for expected in (0, 1, 0, 1):
+        assert gpus.claim_gpu(slots=2) == expected
+        held.append(_as_another_process())
+    held[2]["handle"].close()  # the third process (GPU 0, slot 2) ends
+    assert gpus.claim_gpu(slots=2) == 0
+    for other in held:
+        other["handle"].close()
+
+
+@pytest.mark.parametrize("slots", [0, -1, 1.5, True])
+def test_bad_slot_counts_are_refused(two_gpus, slots):
+    from hdrq_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="gpu_slots"):
+        gpus.claim_gpu(slots=slots)
+
+
+def test_place_job_reads_the_slot_count(two_gpus, monkeypatch):
+    seen = []
+    monkeypatch.setattr(gpus, "claim_gpu", lambda slots=1: seen.append(slots) or 1)
+    cfg = OmegaConf.create({"claim_gpu": True, "gpu_slots": 4, "trainer": {"accelerator": "auto", "devices": 1}})
+    gpus.place_job(cfg)
+    assert seen == [4] and cfg.trainer.devices == [1]

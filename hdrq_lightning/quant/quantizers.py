@@ -63,7 +63,8 @@ def batch_uniforms(rows: tuple[int, int, int], row_shape: tuple[int, ...], devic
     each row of ``row_shape``: the global batch's draw sliced, so data-parallel ranks holding disjoint rows together
     draw exactly what one device with the whole batch draws (QDrop's input mixing and in-block drop)."""
     total, start, stop = rows
-    return torch.rand((total, *row_shape), device=device)[start:stop]
+    draws = torch.rand((total, *row_shape), device=device)
+    return draws if start == 0 and stop == total else draws[start:stop]
 
 
 def flatten_in_memory_order(t: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
@@ -74,6 +75,9 @@ def flatten_in_memory_order(t: Tensor) -> tuple[Tensor, Callable[[Tensor], Tenso
     many times slower than the same reduction over the memory-order view.
     For an NCHW-contiguous tensor the view is ``t.view(-1)``. A tensor with gaps (a strided slice) is copied.
     """
+    if t.is_contiguous():  # NCHW (the eager path): no permutation to dispatch at every step
+        shape = t.shape
+        return t.view(-1), lambda flat: flat.view(shape)
     order = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # stable: size-1 dims keep their place
     permuted = t.permute(order)
     if not permuted.is_contiguous():
@@ -447,7 +451,7 @@ class ActivationQuantizer(_Quantizer):
         # Grid arithmetic in float32 also under bf16 autocast (bf16 cannot tell 8-bit codes apart above 128).
         # on the memory-order view: the reductions over all elements read memory contiguously (and HDRQ's noise
         # is drawn per element in memory order)
-        x32 = x.float()
+        x32 = x if x.dtype == torch.float32 else x.float()
         flat, restore = flatten_in_memory_order(x32)
         if self._mode == "nearest":
             quantized = fake_quantize_nearest(flat, scale, self.zero_point, self.qmin, self.qmax)
@@ -459,7 +463,8 @@ class ActivationQuantizer(_Quantizer):
             # QDrop: each element keeps its float value with probability drop_prob; drawn on the memory-order view
             # like the noise (one fused kernel; channels-last and NCHW runs drop different, equally likely elements)
             quantized = torch.where(self._drop_uniforms(flat) < self.drop_prob, flat, quantized)
-        return restore(quantized).to(x.dtype)
+        restored = restore(quantized)
+        return restored if restored.dtype == x.dtype else restored.to(x.dtype)
 
     def _drop_uniforms(self, flat: Tensor) -> Tensor:
         """One uniform per element of the memory-order view; with ``batch_rows`` the global batch's draw (the batch

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from hdrq_lightning.errors import ConfigError
@@ -111,7 +112,8 @@ class Runtime:
     cuda_graphs: bool = False         # capture the whole step (batch, loss, backward, Adam) in one CUDA graph
     graph_warmup: int = 3             # eager steps of each unit and mode before its graph is captured
     channels_last: bool = False       # NHWC caches and weights (tensor-core friendly convolutions)
-    tf32: bool = False                # TF32 matmuls/convolutions on Ampere+ GPUs
+    tf32: bool | None = None          # null: torch's defaults, as the official code runs (TF32 convolutions,
+                                      # FP32 matmuls); true: TF32 for both; false: strict FP32 for both
     bf16: bool = False                # bfloat16 autocast of the unit's convolutions (quantizers stay fp32)
     fused_optimizer: bool = True      # fused Adam on CUDA
     steps_per_batch: int = 1          # engine iterations per Lightning batch (amortises the loop's overhead)
@@ -127,6 +129,11 @@ class Runtime:
                 raise ConfigError(f"quant.runtime.{name} must be a positive integer.")
         if self.graph_warmup < 1:
             raise ConfigError("quant.runtime.graph_warmup must be at least 1 (optimizer state is created eagerly).")
+
+    def apply_precision(self) -> None:
+        """Set this process's TF32 switches as ``tf32`` says (null leaves torch's, i.e. the process's, settings)."""
+        if self.tf32 is not None:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> Runtime:

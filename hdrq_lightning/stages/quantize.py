@@ -84,8 +84,7 @@ def quantize_one(cfg: DictConfig, dm, recipe: Recipe, source_folded: torch.nn.Mo
     calibration = task.calibration_inputs(torch.cat([images for images, _, _ in dm.calibration_loader(
         target, size=cfg.quant.calibration_size, batch_size=recipe.batch_size)]))
     runtime = Runtime.from_config(cfg.quant.get("runtime"))
-    if runtime.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    runtime.apply_precision()
     module = ReconstructionModule(fp_model, quant_model, calibration, recipe, seed=cfg.seed, runtime=runtime)
     clock = WallClock(started)
     source_weights = {k: v for k, v in source_folded.state_dict().items() if k.endswith("weight")}

@@ -17,7 +17,8 @@ graph steps draw the same random numbers."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -39,6 +40,36 @@ from hdrq_lightning.quant.recipe import Recipe, Runtime
 from hdrq_lightning.quant.walker import CaptureWalker, UnitWalker
 
 log = logging.getLogger("hdrq")
+
+
+class UnitAdam(torch.optim.Adam):
+    """Adam that steps and zeroes only the groups of the unit being reconstructed (``active``, set when a unit is
+    entered; a finished unit's gradients are set to None by the engine).
+
+    The engine keeps one optimizer with a group per (unit, kind), so that Lightning counts and checkpoints one; the
+    other units' groups hold no gradients and Adam would skip them, but looking at each costs host time at every
+    step (tens of microseconds a group, 36 groups for a ResNet-50, against a few milliseconds per eager step on an
+    H200). The result is the same as stepping all groups."""
+
+    active: frozenset[int] | None = None  # ids of the groups to step; None: all
+
+    @contextmanager
+    def _active_groups(self) -> Iterator[None]:
+        groups = self.param_groups
+        if self.active is not None:
+            self.param_groups = [group for group in groups if id(group) in self.active]
+        try:
+            yield
+        finally:
+            self.param_groups = groups
+
+    def step(self, closure=None):  # type: ignore[override]
+        with self._active_groups():
+            return super().step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        with self._active_groups():
+            super().zero_grad(set_to_none)
 
 
 class ReconstructionModule(StepMixin, PhaseMixin, GraphMixin, L.LightningModule):
@@ -167,7 +198,7 @@ class ReconstructionModule(StepMixin, PhaseMixin, GraphMixin, L.LightningModule)
             groups = [{"params": [torch.zeros((), device=self.device, requires_grad=True)],
                        "lr": 0.0, "initial_lr": 0.0, "schedule": "constant", "unit": -1, "kind": "none"}]
         fused = self.runtime.fused_optimizer and self.device.type == "cuda"
-        self._optimizer = torch.optim.Adam(groups, fused=fused or None)
+        self._optimizer = UnitAdam(groups, fused=fused or None)
         return self._optimizer
 
     def on_train_start(self) -> None:

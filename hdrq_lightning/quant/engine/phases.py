@@ -80,6 +80,7 @@ class PhaseMixin:
             for _, layer in self.unit_layers[phase.unit]:
                 layer.weight_quantizer.set_mode(self.rounding.training_mode)
         self._active = self.active_groups(phase)
+        self._optimizer.active = frozenset(id(group) for group in self._active)
         if self._graphs_enabled():
             for group in self._optimizer.param_groups:  # (a checkpoint's groups may come without it)
                 group["capturable"] = True

@@ -27,7 +27,8 @@ class StepMixin:
         ``inputs``: the unit's input tensor, or its call ``(args, kwargs)`` for a unit with several inputs."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.runtime.bf16):
             output = unit(inputs) if isinstance(inputs, torch.Tensor) else unit(*inputs[0], **inputs[1])
-        reconstruction = (output.float() - target).pow(2).sum(dim=1).mean()
+        output = output if output.dtype == torch.float32 else output.float()
+        reconstruction = (output - target).pow(2).sum(dim=1).mean()
         loss = reconstruction
         if self.rounding.has_penalty and trains_weights(pass_name) and layers:
             penalty = self.rounding.penalty(layers, beta)
@@ -53,8 +54,16 @@ class StepMixin:
         return self._compiled_loss
 
     def _reseed(self, iteration: int, salt: int = 0) -> None:
-        """Every random draw of the engine is a function of (seed, iteration): resumes replay them exactly."""
-        torch.manual_seed((self.seed * 1_000_003 + iteration) * 2 + salt)
+        """Every random draw of the engine is a function of (seed, iteration): resumes replay them exactly.
+
+        Seeds the generators the engine draws from (the host's and its device's) as ``torch.manual_seed`` would,
+        without its per-call work for every other backend (on a machine without a GPU it formats a stack trace
+        for CUDA's lazy seeding at every step)."""
+        seed = (self.seed * 1_000_003 + iteration) * 2 + salt
+        torch.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            torch.cuda.default_generators[index].manual_seed(seed)
 
     def world(self) -> tuple[int, int]:
         """(number of ranks, this rank): the Trainer's, or ``standalone_world`` when driven without one."""
@@ -96,7 +105,8 @@ class StepMixin:
 
         A unit with several inputs gets each mixed with its own mask, in leaf order, and its call rebuilt."""
         cache = self._cache
-        rows = {name: host_rows[name] if name in host_rows else cache.gather_device(name, indices[local])
+        mine = indices if local.start == 0 and local.stop == len(indices) else indices[local]
+        rows = {name: host_rows[name] if name in host_rows else cache.gather_device(name, mine)
                 for name in self._needed(pass_name)}
         leaves = [rows[name] for name in cache.input_names("quant_input")]
         if self._mixes(pass_name):
