@@ -37,6 +37,8 @@ def lock_dir() -> Path:
 def claim_gpu(poll_seconds: float = 5.0, slots: int = 1) -> int | None:
     """Index of this process's GPU (claimed once; waits while all ``slots`` of every GPU are held), or None with
     fewer than 2 GPUs."""
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+        raise ConfigError(f"gpu_slots={slots!r} must be a positive integer (jobs that share one GPU).")
     if "index" in _held:
         return _held["index"]  # type: ignore[return-value]
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -45,8 +47,6 @@ def claim_gpu(poll_seconds: float = 5.0, slots: int = 1) -> int | None:
     directory = lock_dir()
     directory.mkdir(parents=True, exist_ok=True)
     waited = False
-    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
-        raise ConfigError(f"gpu_slots={slots!r} must be a positive integer (jobs that share one GPU).")
     while True:
         for slot, index in ((slot, index) for slot in range(slots) for index in range(count)):
             name = str(torch.cuda.get_device_properties(index).uuid)  # the same GPU whatever the visible order

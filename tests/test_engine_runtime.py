@@ -190,7 +190,9 @@ def test_unit_adam_steps_the_active_groups_as_adam_steps_all(setup):
         optimizer = kind([{"params": [copies[0]], "lr": 0.1}, {"params": [copies[1]], "lr": 0.2},
                           {"params": [copies[2]], "lr": 0.3}])
         if kind is UnitAdam:
-            optimizer.active = frozenset({id(optimizer.param_groups[1])})
+            for unit, group in enumerate(optimizer.param_groups):
+                group.update(unit=unit, kind="weight")
+            optimizer.only = (1, frozenset({"weight"}))
         for _ in range(3):
             optimizer.zero_grad()
             copies[1].grad = grads[1].clone()
@@ -207,8 +209,15 @@ def test_unit_adam_steps_the_active_groups_as_adam_steps_all(setup):
     optimizer.zero_grad()
     assert torch.equal(unit[0], plain[0]) and torch.equal(unit[0].grad, torch.ones(5))
 
+    optimizer.load_state_dict(optimizer.state_dict())  # new group dicts, picked by their keys all the same
+    before = unit[1].detach().clone()
+    unit[1].grad = grads[1].clone()
+    optimizer.step()
+    assert not torch.equal(unit[1], before) and torch.equal(unit[0], plain[0])
+
     module = _engine(setup, Recipe(iters=4, batch_size=4, method="qdrop"), Runtime())
-    assert module._optimizer.active == frozenset(id(g) for g in module._active) and module._active
+    unit_index, kinds = module._optimizer.only
+    assert unit_index == module.phase.unit and {g["kind"] for g in module._active} <= kinds and module._active
     assert len(module._optimizer.param_groups) > len(module._active)
 
 

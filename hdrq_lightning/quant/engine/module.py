@@ -43,32 +43,34 @@ log = logging.getLogger("hdrq")
 
 
 class UnitAdam(torch.optim.Adam):
-    """Adam that steps and zeroes only the groups of the unit being reconstructed (``active``, set when a unit is
-    entered; a finished unit's gradients are set to None by the engine).
+    """Adam that steps and zeroes only the groups of the unit being reconstructed (``only = (unit, kinds)``, set
+    when a unit is entered; a finished unit's gradients are set to None by the engine).
 
     The engine keeps one optimizer with a group per (unit, kind), so that Lightning counts and checkpoints one; the
     other units' groups hold no gradients and Adam would skip them, but looking at each costs host time at every
     step (tens of microseconds a group, 36 groups for a ResNet-50, against a few milliseconds per eager step on an
-    H200). The result is the same as stepping all groups."""
+    H200). The result is the same as stepping all groups. The groups are picked by their ``unit`` and ``kind``
+    keys, not held, so a checkpoint's state loaded into the optimizer (new group dicts) is picked the same way."""
 
-    active: frozenset[int] | None = None  # ids of the groups to step; None: all
+    only: tuple[int, frozenset[str]] | None = None  # (unit, kinds) of the groups to step; None: all
 
     @contextmanager
-    def _active_groups(self) -> Iterator[None]:
+    def _only_current(self) -> Iterator[None]:
         groups = self.param_groups
-        if self.active is not None:
-            self.param_groups = [group for group in groups if id(group) in self.active]
+        if self.only is not None:
+            unit, kinds = self.only
+            self.param_groups = [g for g in groups if g.get("unit") == unit and g.get("kind") in kinds]
         try:
             yield
         finally:
             self.param_groups = groups
 
     def step(self, closure=None):  # type: ignore[override]
-        with self._active_groups():
+        with self._only_current():
             return super().step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        with self._active_groups():
+        with self._only_current():
             super().zero_grad(set_to_none)
 
 

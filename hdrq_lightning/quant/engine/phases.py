@@ -80,7 +80,7 @@ class PhaseMixin:
             for _, layer in self.unit_layers[phase.unit]:
                 layer.weight_quantizer.set_mode(self.rounding.training_mode)
         self._active = self.active_groups(phase)
-        self._optimizer.active = frozenset(id(group) for group in self._active)
+        self._optimizer.only = (phase.unit, self.trained_kinds(phase))
         if self._graphs_enabled():
             for group in self._optimizer.param_groups:  # (a checkpoint's groups may come without it)
                 group["capturable"] = True
@@ -106,12 +106,18 @@ class PhaseMixin:
         """The optimizer's param groups trained in ``phase``."""
         if phase == self._entered:
             return self._active
+        kinds = self.trained_kinds(phase)
+        return [g for g in self._optimizer.param_groups if g["unit"] == phase.unit and g["kind"] in kinds]
+
+    @staticmethod
+    def trained_kinds(phase: Phase) -> frozenset[str]:
+        """The kinds of param groups trained in ``phase``'s pass."""
         kinds = set()
         if trains_weights(phase.pass_name):
             kinds |= {"weight", "weight_scale"}
         if trains_activations(phase.pass_name):
             kinds.add("activation_scale")
-        return [g for g in self._optimizer.param_groups if g["unit"] == phase.unit and g["kind"] in kinds]
+        return frozenset(kinds)
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """One param group per (unit, kind): a single optimizer, so Lightning counts and checkpoints it."""
