@@ -30,6 +30,7 @@ def evaluate_domains(model: nn.Module, dm, domains: list[str], device: torch.dev
     model.eval().to(device)
     metric = task.metric(domains).to(device)
     for index, domain in enumerate(domains):
+        select_task(model, domain)
         for images, labels, _ in dm.loader(domain, "test"):
             metric.update(task.predict(model, images.to(device)), labels.to(device), index)
     model.train(was_training)
@@ -42,6 +43,13 @@ def evaluate_domains(model: nn.Module, dm, domains: list[str], device: torch.dev
         out["per_class"] = {d: [None if math.isnan(float(v)) else round(float(v), 4) for v in row]
                             for d, row in zip(domains, per_class)}
     return out
+
+
+def select_task(model: nn.Module, domain: str) -> None:
+    """A network with a head per task (models/multitask.py) answers with the head of ``domain``."""
+    select = getattr(model, "select_task", None)
+    if callable(select):
+        select(domain)
 
 
 def domain_accuracy(model: nn.Module, dm, domain: str, task=None) -> float:

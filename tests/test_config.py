@@ -50,11 +50,13 @@ def test_merge_groups_build_methods(compose_cfg, merge):
 @pytest.mark.parametrize("model", options("model"))
 def test_model_groups_build(compose_cfg, model):
     cfg = compose_cfg("source", f"model={model}")
-    net = build_model(cfg, num_classes=5)
-    classifier = net.classifier if hasattr(net, "classifier") else net.head.classifier  # SHOT net / SegNet
+    classes = {"a": 5} if model == "vit_tasks" else 5  # the multi-task network: classes per task
+    net = build_model(cfg, num_classes=classes)
+    classifier = (net.heads["a"] if hasattr(net, "heads") else net.classifier if hasattr(net, "classifier")
+                  else net.head.classifier)  # multi-task ViT / SHOT net / SegNet
     assert (getattr(classifier, "out_features", None) or classifier.out_channels) == 5
     # the architecture the compile-ahead worker and model files rebuild from: the same parameters, by name and shape
-    twin = build_from_config(architecture(cfg.model, 5))
+    twin = build_from_config(architecture(cfg.model, classes))
     assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
 
 

@@ -29,10 +29,11 @@ from hdrq_lightning.artifacts import (
     write_json,
 )
 from hdrq_lightning.errors import ArtifactError, ConfigError
-from hdrq_lightning.evaluation import default_device, evaluate_domains
+from hdrq_lightning.evaluation import default_device, evaluate_domains, select_task
 from hdrq_lightning.merge import get_merge_method
-from hdrq_lightning.models.build import architecture
+from hdrq_lightning.models.build import architecture, build_model
 from hdrq_lightning.models.io import model_metadata, save_model_file
+from hdrq_lightning.models.multitask import MultiTaskNet, models_from_files
 from hdrq_lightning.pmq import PMQ_METHODS, PostMergeQuantizer, get_pmq_method
 from hdrq_lightning.quant.export import export_integer_state
 from hdrq_lightning.quant.fold import fold_batch_norm
@@ -81,6 +82,31 @@ def numerics(cfg: DictConfig) -> QuantConfig:
                        overrides=tuple(plain_overrides(p.get("overrides"), "pmq.overrides")))
 
 
+def _models(cfg: DictConfig, dm, targets: list[str]) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
+    """(base, experts in target order), BN-folded: the source and adapt runs of the experiment, or the local files
+    of ``pmq.models`` (the clip_* presets: a base encoder and one expert per task, heads per task)."""
+    files = cfg.pmq.get("models") or {}
+    if files.get("base"):
+        network = build_model(architecture(cfg.model, dm.num_classes))
+        if not isinstance(network, MultiTaskNet):
+            raise ConfigError("pmq.models.base reads a base and experts from files into the multi-task network; "
+                              "use model=vit_tasks with data=task_folders (see conf/experiment/clip_vit_b32.yaml), "
+                              "or leave pmq.models.base null to use the experiment's source and adapt runs.")
+        return models_from_files(network, files["base"], dict(files.get("experts") or {}), files.get("heads"))
+    if files.get("experts"):
+        raise ConfigError("pmq.models.experts is set but pmq.models.base is not; the merge starts from the base "
+                          "model: give pmq.models.base=<file>.")
+    source_run = stage_run(cfg, "source", dm.source)
+    require_finished(source_run, cfg, "pmq")
+    source = fold_batch_norm(load_model(cfg, dm.num_classes, source_run.weights_path, train=False))
+    experts = []
+    for target in targets:
+        expert_run = stage_run(cfg, "adapt", target)
+        require_finished(expert_run, cfg, "pmq")
+        experts.append(fold_batch_norm(load_model(cfg, dm.num_classes, expert_run.weights_path, train=False)))
+    return source, experts
+
+
 def _merge(cfg: DictConfig):
     name = cfg.pmq.merge.method
     params = OmegaConf.to_container(cfg.pmq.merge.params, resolve=True).get(name, {}) or {}
@@ -105,13 +131,16 @@ def _solver(p: DictConfig, deployed, merged, experts, calibration, method, sourc
 
 
 @torch.no_grad()
-def expert_divergence(model: torch.nn.Module, experts: list, held_out: list[torch.Tensor], device) -> float:
+def expert_divergence(model: torch.nn.Module, experts: list, held_out: list[torch.Tensor], targets: list[str],
+                      device) -> float:
     """Mean over targets of KL(expert_t || model) of the class posteriors on target t's held-out images: how far
     the deployed model is from each expert on its own domain, without labels."""
     model = model.to(device).eval()
     total = 0.0
-    for expert, images in zip(experts, held_out):
+    for expert, images, target in zip(experts, held_out, targets):
         images = images.to(device)
+        select_task(model, target)
+        select_task(expert, target)
         reference = F.log_softmax(expert.to(device).eval()(images), 1)
         total += float(F.kl_div(F.log_softmax(model(images), 1), reference, log_target=True, reduction="batchmean"))
     return total / len(experts)
@@ -147,7 +176,7 @@ def select_params(cfg: DictConfig, run, merged, experts, calibration, targets, d
                 source, device).run()
         result = evaluate_domains(deployed, dm, targets, task=task)
         scored.append({"params": candidate, "divergence": round(expert_divergence(deployed, experts, held_out,
-                                                                                  device), 6),
+                                                                                  targets, device), 6),
                        "test_mean_not_used": result["mean"], "test_hmean_not_used": result["hmean"]})
         run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         write_json(path, scored)
@@ -176,15 +205,8 @@ def run_pmq(cfg: DictConfig, stop_after_unit: int | None = None) -> dict:
             raise ArtifactError(mismatch_message(run, differences, "Re-run it with the current settings by adding "
                                                  "force=true (this replaces that run), or repeat its settings."))
     started = time.perf_counter()
-    source_run = stage_run(cfg, "source", dm.source)
-    require_finished(source_run, cfg, "pmq")
-    source = fold_batch_norm(load_model(cfg, dm.num_classes, source_run.weights_path, train=False))
     targets = list(dm.targets)
-    experts = []
-    for target in targets:
-        expert_run = stage_run(cfg, "adapt", target)
-        require_finished(expert_run, cfg, "pmq")
-        experts.append(fold_batch_norm(load_model(cfg, dm.num_classes, expert_run.weights_path, train=False)))
+    source, experts = _models(cfg, dm, targets)
     merged = copy.deepcopy(source)
     merged.load_state_dict(merger.merge([e.state_dict() for e in experts],
                                         base=source.state_dict() if merger.needs_base else None))
