@@ -29,6 +29,7 @@ from torch._dynamo.utils import compile_times, counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.provenance import compile_cache_state, write_result  # noqa: E402
 from bench.reconstruction import (  # noqa: E402
     PATHS,
     PRESETS,
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1, help="> 1: data-parallel over this many GPUs (DDP)")
     add_workload_arguments(parser)
     args = parse_workload_arguments(parser)
+    cache = compile_cache_state()  # before anything compiles
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("hdrq").setLevel(logging.INFO)  # unit starts, the compile-ahead worker
     module, callbacks = build_engine(args.model, args.method, args.path, args.calibration, args.image,
@@ -159,10 +161,9 @@ def main() -> None:
         result["compile_seconds"] = {name: round(seconds, 2) for name, seconds in timed[:25]}
         result["compile_caches"] = {f"{group}.{name}": count for group in ("inductor", "aot_autograd")
                                     for name, count in counters[group].items() if "cache" in name}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
-    (out / f"full_run_{args.model}_{args.method}_{args.path}{suffix}.json").write_text(json.dumps(result, indent=2))
+    write_result(args.out, f"full_run_{args.model}_{args.method}_{args.path}{suffix}.json",
+                 {**result, "cache": cache if module.runtime.compile else "eager: no compile cache"})
     print(json.dumps({k: v for k, v in result.items() if k != "units"}, indent=2))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -21,12 +22,27 @@ def commit() -> str:
     return f"{head}+changes" if head and dirty else head or "unknown"
 
 
+def gpu() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def compile_cache_state() -> str:
+    """``cold`` when Inductor's cache folder (``TORCHINDUCTOR_CACHE_DIR`` or torch's default) is empty or absent,
+    else ``warm``: call it before anything compiles."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    folder = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or cache_dir())
+    return "warm" if folder.is_dir() and any(folder.iterdir()) else "cold"
+
+
 def write_result(out: str | Path, name: str, record: dict) -> Path:
-    """``record`` with the command, date, torch version and commit, as ``<out>/<name>`` (JSON)."""
-    record = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-              "commit": commit(), **record}
+    """``record`` with the command, date, GPU, torch version and commit, as ``<out>/<name>`` (JSON)."""
+    record = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "gpu": gpu(),
+              "torch": torch.__version__, "commit": commit(), **record}
     path = Path(out) / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    partial.replace(path)
     print(f"wrote {path}")
     return path

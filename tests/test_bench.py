@@ -96,3 +96,9 @@ def test_jobs_per_gpu_runs_k_jobs_at_a_time(tmp_path):
     result = json.loads((tmp_path / "jobs_per_gpu_resnet50.json").read_text())
     assert [(r["slots"], r["jobs"], len(r["per_job"])) for r in result["results"]] == [(1, 2, 2), (2, 2, 2)]
     assert result["results"][0]["speedup"] == 1.0
+
+
+def test_readme_tables_are_generated_from_the_result_files():
+    """The README's generated blocks equal what bench/tables.py renders from bench/results/ (a new measurement:
+    a new result file and `python bench/tables.py --write`)."""
+    run_bench("tables.py", "--check")
