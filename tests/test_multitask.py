@@ -148,6 +148,12 @@ def test_pmq_on_models_from_files_with_a_head_per_task(clip_cfg, tmp_path):
     # the integer file round-trips through `hdrq evaluate`
     assert evaluate_run(cfg, "pmq", "task_arithmetic_epmq_w4")["per_domain"] == result["per_domain"]
 
+    # a finished run is not reused once a file it was made from has other contents
+    torch.save(torch.load(tmp_path / "colors.pt") | {"extra": torch.zeros(1)}, tmp_path / "colors.pt")
+    with pytest.raises(ArtifactError, match="other contents of the pmq.models files .*experts.colors"):
+        run_pmq(clip_cfg("pmq", "pmq=epmq", *small, *files))
+    assert run_pmq(clip_cfg("pmq", "pmq=epmq", "force=true", *small, *files))["status"] == "done"
+
     # GPTQ-on-merged on the same files, and bad inputs: one paragraph each, no run dir
     assert run_pmq(clip_cfg("pmq", "pmq=gptq", *small, *files))["status"] == "done"
     with pytest.raises(ConfigError, match="one file per task"):

@@ -50,11 +50,13 @@ from hdrq_lightning.stages.common import (
     stage_run,
     start_fresh_if_forced,
 )
+from hdrq_lightning.stages.evaluate import file_digest
 from hdrq_lightning.stages.settings import mismatch_message, settings_mismatch
 
 STATE_FILE = "pmq_state.safetensors"
 ROWS_FILE = "layers_partial.json"
 LAYERS_FILE = "layers.json"
+DIGESTS_FILE = "inputs_sha256.json"
 
 
 class Interrupted(Exception):
@@ -83,8 +85,8 @@ def numerics(cfg: DictConfig) -> QuantConfig:
 
 
 def _models(cfg: DictConfig, dm, targets: list[str]) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
-    """(base, experts in target order), BN-folded: the source and adapt runs of the experiment, or the local files
-    of ``pmq.models`` (the clip_* presets: a base encoder and one expert per task, heads per task)."""
+    """(base, experts in target order): the BN-folded source and adapt runs of the experiment, or the local files
+    of ``pmq.models`` (the clip_* presets: a base encoder and one expert per task, heads per task; no BN)."""
     files = cfg.pmq.get("models") or {}
     if files.get("base"):
         network = build_model(architecture(cfg.model, dm.num_classes))
@@ -105,6 +107,30 @@ def _models(cfg: DictConfig, dm, targets: list[str]) -> tuple[torch.nn.Module, l
         require_finished(expert_run, cfg, "pmq")
         experts.append(fold_batch_norm(load_model(cfg, dm.num_classes, expert_run.weights_path, train=False)))
     return source, experts
+
+
+def _file_digests(cfg: DictConfig) -> dict[str, str]:
+    """sha256 of every ``pmq.models`` file (``{}`` when the models come from the experiment's runs, which the
+    settings check covers): a run made from a file is reused only while the file's contents are the same."""
+    files = cfg.pmq.get("models") or {}
+    if not files.get("base"):
+        return {}
+    paths = {"base": files["base"], **{f"experts.{t}": f for t, f in (files.get("experts") or {}).items()},
+             **({"heads": files["heads"]} if files.get("heads") else {})}
+    return {key: file_digest(Path(path)) for key, path in paths.items() if Path(path).is_file()}
+
+
+def _check_file_digests(run, digests: dict[str, str]) -> None:
+    """Refuse a finished or resumable run made from other contents of the ``pmq.models`` files."""
+    recorded = run.metrics().get("inputs_sha256") if run.is_done() else (
+        read_json(run.checkpoint_dir / DIGESTS_FILE) if (run.checkpoint_dir / DIGESTS_FILE).is_file() else None)
+    if recorded is None:
+        return
+    changed = sorted(k for k in set(recorded) | set(digests) if recorded.get(k) != digests.get(k))
+    if changed:
+        raise ArtifactError(f"{run.dir} was made from other contents of the pmq.models files "
+                            f"({', '.join(changed)}): re-run it with force=true (this replaces that run), or "
+                            "point pmq.models back at the files it was made from.")
 
 
 def _merge(cfg: DictConfig):
@@ -196,6 +222,9 @@ def run_pmq(cfg: DictConfig, stop_after_unit: int | None = None) -> dict:
     if p.calibration_size < 1 or p.chunk < 1:
         raise ConfigError(f"pmq.calibration_size={p.calibration_size} and pmq.chunk={p.chunk} must be positive.")
     run = stage_run(cfg, "pmq", pmq_key(cfg))
+    digests = _file_digests(cfg)
+    if digests and not cfg.force:
+        _check_file_digests(run, digests)
     if not start_fresh_if_forced(cfg, run):
         return run.metrics()
     state_path = run.checkpoint_dir / STATE_FILE
@@ -215,6 +244,9 @@ def run_pmq(cfg: DictConfig, stop_after_unit: int | None = None) -> dict:
     calibration = [torch.cat([images for images, _, _ in dm.calibration_loader(t, size=p.calibration_size)])
                    for t in targets]
     run.prepare(cfg)
+    if digests:
+        run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run.checkpoint_dir / DIGESTS_FILE, digests)
     params = OmegaConf.to_container(p.params, resolve=True) or {}
     selection = None
     if p.select.grid:
@@ -256,7 +288,8 @@ def run_pmq(cfg: DictConfig, stop_after_unit: int | None = None) -> dict:
               "w_bits": p.w_bits, "a_bits": p.a_bits, "quantize": bool(p.quantize), "targets": targets,
               "per_domain": result["per_domain"], "mean": result["mean"], "hmean": result["hmean"],
               "fp_merge": fp, "params": params, **({"selection": selection} if selection else {}),
-              "fallbacks": sum(1 for r in rows if r.get("fallback")), "seconds": seconds, "device": str(device)}
+              "fallbacks": sum(1 for r in rows if r.get("fallback")), "seconds": seconds, "device": str(device),
+              **({"inputs_sha256": digests} if digests else {})}
     _log_wandb(cfg, run.dir, record, rows)
     notice.info("pmq %s: mean %.2f%%, harmonic mean %.2f%% (FP merge %.2f%% / %.2f%%; %.1fs)", run.dir.name,
                 result["mean"], result["hmean"], fp["mean"], fp["hmean"], seconds)
