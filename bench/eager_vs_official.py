@@ -24,7 +24,6 @@ import argparse
 import copy
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -41,7 +40,7 @@ from bench.reconstruction import (  # noqa: E402
     drive_directly,
     parse_workload_arguments,
     synchronize,
-    unit_type,
+    unit_types,
 )
 
 
@@ -203,13 +202,7 @@ def main() -> None:
         engines[path] = drive_directly(module, callbacks, args.device)
     apply_tf32(args.tf32)
     module = engines[args.paths[0]]
-    counts, first = Counter(), {}
-    for index, name in enumerate(module.unit_names):
-        stage = name.split(".")[0]
-        position = sum(1 for n in module.unit_names[:index] if n.split(".")[0] == stage) if "." in name else 0
-        kind = unit_type(name, position)
-        counts[kind] += 1
-        first.setdefault(kind, index)
+    counts, first = unit_types(module.unit_names)
     rows, sides = {}, [*args.paths, "official"]
     for kind, unit in first.items():  # timings first: the profiler (CUPTI) slows every later launch of the process
         phase = next(p for p in module.plan if p.unit == unit)

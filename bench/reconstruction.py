@@ -70,6 +70,18 @@ def unit_type(name: str, index_in_stage: int) -> str:
     return f"{name.split('.')[0]}.{'first' if index_in_stage == 0 else 'plain'}"
 
 
+def unit_types(unit_names: list[str]) -> tuple[Counter, dict[str, int]]:
+    """(units per type, index of each type's first unit) of a model's unit names (stem, stage.first/plain, head)."""
+    counts, first = Counter(), {}
+    for index, name in enumerate(unit_names):
+        stage = name.split(".")[0]
+        position = sum(1 for n in unit_names[:index] if n.split(".")[0] == stage) if "." in name else 0
+        kind = unit_type(name, position)
+        counts[kind] += 1
+        first.setdefault(kind, index)
+    return counts, first
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -148,14 +160,7 @@ def bench_model(args: argparse.Namespace, model_name: str, method: str, path: st
                                      batch_size=args.batch)
     module = drive_directly(module, callbacks, args.device)
     recipe = module.recipe
-    counts = Counter()
-    first_unit: dict[str, int] = {}
-    for index, name in enumerate(module.unit_names):
-        stage = name.split(".")[0]
-        position = sum(1 for n in module.unit_names[:index] if n.split(".")[0] == stage) if "." in name else 0
-        kind = unit_type(name, position)
-        counts[kind] += 1
-        first_unit.setdefault(kind, index)
+    counts, first_unit = unit_types(module.unit_names)
     modes = ["noise", "nearest"] if recipe.noise.enabled else ["nearest"]
     rows = {}
     for kind, block in first_unit.items():
