@@ -154,6 +154,12 @@ def test_pmq_on_models_from_files_with_a_head_per_task(clip_cfg, tmp_path):
         run_pmq(clip_cfg("pmq", "pmq=epmq", *small, *files))
     assert run_pmq(clip_cfg("pmq", "pmq=epmq", "force=true", *small, *files))["status"] == "done"
 
+    # the stages that train or read the experiment's own runs refuse this data with one paragraph
+    from hdrq_lightning.stages.common import build_datamodule
+
+    with pytest.raises(ConfigError, match="serves only the pmq, evaluate stages"):
+        build_datamodule(clip_cfg("pipeline"))
+
     # GPTQ-on-merged on the same files, and bad inputs: one paragraph each, no run dir
     assert run_pmq(clip_cfg("pmq", "pmq=gptq", *small, *files))["status"] == "done"
     with pytest.raises(ConfigError, match="one file per task"):

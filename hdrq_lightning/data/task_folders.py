@@ -80,6 +80,8 @@ class _Indexed(Dataset):
 class TaskFoldersDataModule:
     """Tasks of ``<root>/<task>/{train,test}/<class>/<image>``; see the module docstring."""
 
+    stages = ("pmq", "evaluate")  # the base and the experts come from files: no source/adapt/quantize training
+
     def __init__(self, root: str | None, targets: Sequence[str], source: str = "base", image_size: int = 224,
                  resize_size: int | None = None, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
                  eval_batch_size: int = 128, calibration_batch_size: int = 32, num_workers: int = 0,

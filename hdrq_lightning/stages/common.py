@@ -53,7 +53,14 @@ def _instantiate(config: Any) -> Any:
 
 
 def build_datamodule(cfg: DictConfig):
-    return _instantiate(cfg.data)
+    """The experiment's data module; one that declares ``stages`` (the stages it can serve) refuses the others."""
+    dm = _instantiate(cfg.data)
+    served, stage = getattr(dm, "stages", None), cfg.get("stage")
+    if served is not None and stage not in (None, "???") and stage not in served:
+        raise ConfigError(f"data={cfg.data.get('name', 'this data')} serves only the {', '.join(served)} stages "
+                          f"(its models come from files), not `hdrq {stage}`; run e.g. `hdrq {served[0]}` "
+                          "with the same experiment.")
+    return dm
 
 
 # keys of a training plug-in's node that the stage reads (how often to checkpoint), not the module
