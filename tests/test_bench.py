@@ -102,3 +102,9 @@ def test_readme_tables_are_generated_from_the_result_files():
     """The README's generated blocks equal what bench/tables.py renders from bench/results/ (a new measurement:
     a new result file and `python bench/tables.py --write`)."""
     run_bench("tables.py", "--check")
+
+
+def test_vit_recipe_probe_runs(tmp_path):
+    run_bench("vit_recipe.py", "--configs", "8,32,1,1,1e-3", "--out", str(tmp_path))
+    (row,) = json.loads((tmp_path / "vit_recipe_cpu.json").read_text())["runs"]
+    assert row["patch"] == 8 and 0 <= row["test_acc"] <= 100 and row["epochs"] == 1
