@@ -42,6 +42,7 @@ from bench.reconstruction import (  # noqa: E402
     synchronize,
     unit_types,
 )
+from hdrq_lightning.quant.recipe import Runtime  # noqa: E402
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -176,11 +177,6 @@ def kernels_and_host_ms(step, steps: int, device: str, table: str | None = None)
     return launches / steps, 1000 * host / steps
 
 
-def apply_tf32(choice: str) -> None:
-    if choice != "default":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = choice == "on"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet50")
@@ -200,7 +196,7 @@ def main() -> None:
         module, callbacks = build_engine(args.model, "qdrop", path, args.calibration, args.image, iters=20000,
                                          batch_size=args.batch, tf32=None)
         engines[path] = drive_directly(module, callbacks, args.device)
-    apply_tf32(args.tf32)
+    Runtime(tf32={"default": None, "on": True, "off": False}[args.tf32]).apply_precision()
     module = engines[args.paths[0]]
     counts, first = unit_types(module.unit_names)
     rows, sides = {}, [*args.paths, "official"]

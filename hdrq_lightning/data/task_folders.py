@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision import transforms
 
+from hdrq_lightning.data.datamodule import IndexedSubset
 from hdrq_lightning.data.office_home import IMAGE_SUFFIXES, ImageFolderDomain
 from hdrq_lightning.errors import ConfigError, DataError
 
@@ -63,18 +64,6 @@ def check_task_folder(root: Path, task: str) -> list[str]:
                             f"{only_train or 'none'}; only in test: {only_test or 'none'}).",
                             "Both splits need the same class folder names, since labels index the sorted names.")
     return classes["train"]
-
-
-class _Indexed(Dataset):
-    def __init__(self, base: Dataset, indices: np.ndarray) -> None:
-        self.base, self.indices = base, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        image, label, _ = self.base[int(self.indices[i])]
-        return image, label, int(self.indices[i])
 
 
 class TaskFoldersDataModule:
@@ -123,7 +112,7 @@ class TaskFoldersDataModule:
             self._sets[task, split] = ImageFolderDomain(self.root / task, split, self.transform, domains=SPLITS)
         return self._sets[task, split]
 
-    def _loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
+    def _loader(self, dataset, batch_size: int) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
                           generator=torch.Generator().manual_seed(self.seed))
 
@@ -133,7 +122,7 @@ class TaskFoldersDataModule:
         dataset = self.dataset(task, split)
         if split == "test" and self.max_test_images is not None and self.max_test_images < len(dataset):
             chosen = np.sort(self._permutation(task, split, len(dataset))[:self.max_test_images])
-            dataset = _Indexed(dataset, chosen)
+            dataset = IndexedSubset(dataset, chosen)
         return self._loader(dataset, batch_size or self.eval_batch_size)
 
     def _permutation(self, task: str, split: str, count: int) -> np.ndarray:
@@ -147,4 +136,4 @@ class TaskFoldersDataModule:
             warnings.warn(f"Calibration size {size} exceeds the {len(train)} train images of {task!r}; using all "
                           "of them.", stacklevel=2)
         chosen = self._permutation(task, "train", len(train))[:size]
-        return self._loader(_Indexed(train, chosen), batch_size or self.calibration_batch_size)
+        return self._loader(IndexedSubset(train, chosen), batch_size or self.calibration_batch_size)

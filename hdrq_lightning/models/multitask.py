@@ -16,6 +16,7 @@ expert file or from a separate heads file (``heads.<task>.*`` or ``<task>.*``).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -167,8 +168,6 @@ def models_from_files(model: MultiTaskNet, base: str, experts: Mapping[str, str]
                       ) -> tuple[MultiTaskNet, list[MultiTaskNet]]:
     """(base, [expert per task in the network's task order]) with the same heads in every model: task t's head
     from ``heads`` when given, else from expert t's file. ``model`` is a freshly built network (its architecture)."""
-    import copy
-
     tasks = list(model.heads)
     absent = [t for t in tasks if t not in experts]
     extra = [t for t in experts if t not in tasks]
