@@ -35,13 +35,11 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.provenance import write_result  # noqa: E402
-from hdrq_lightning.data.digits import render_digits_domain  # noqa: E402
+from hdrq_lightning.data.builtin_tasks import digits_tensors, photo_crops  # noqa: E402
 from hdrq_lightning.merge import get_merge_method  # noqa: E402
 from hdrq_lightning.pmq import PostMergeQuantizer, get_pmq_method  # noqa: E402
 from hdrq_lightning.quant.facts import QuantFacts  # noqa: E402
 from hdrq_lightning.quant.modules import QuantConfig, quantize_model  # noqa: E402
-
-PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "grass", "gravel", "brick", "china", "flower")
 
 
 class _Stem(nn.Module):
@@ -65,11 +63,11 @@ class _Tail(nn.Module):
 class ViTBackbone(nn.Module):
     """A timm ViT without head as a model plug-in: units = stem, every block, final norm + CLS pooling."""
 
-    def __init__(self, width: int = 96, depth: int = 4, heads: int = 4) -> None:
+    def __init__(self, width: int = 96, depth: int = 4, heads: int = 4, patch: int = 8) -> None:
         super().__init__()
         import timm
 
-        self.vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
+        self.vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=patch,
                                      embed_dim=width, depth=depth, num_heads=heads, num_classes=0)
         self.num_features = width
 
@@ -86,59 +84,33 @@ class ViTBackbone(nn.Module):
         return QuantFacts(eight_bit_weights=("vit.patch_embed.proj",))
 
 
-def _photo_crops(count: int, left: bool, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
-    import skimage.data
-    from sklearn.datasets import load_sample_image
-
-    images, labels = [], []
-    for label, name in enumerate(PHOTOS):
-        photo = load_sample_image(f"{name}.jpg") if name in ("china", "flower") else getattr(skimage.data, name)()
-        photo = np.asarray(photo, np.float32) / 255.0
-        if photo.ndim == 2:
-            photo = np.repeat(photo[..., None], 3, axis=2)
-        tensor = torch.from_numpy(photo[..., :3]).permute(2, 0, 1)[None]
-        scale = 128 / min(tensor.shape[-2:])
-        tensor = F.interpolate(tensor, scale_factor=scale, mode="bilinear", align_corners=False)[0]
-        width = tensor.shape[-1]
-        lo, hi = (0, int(0.7 * width) - 32) if left else (int(0.7 * width), width - 32)
-        for _ in range(count):
-            x = int(rng.integers(lo, hi + 1))
-            y = int(rng.integers(0, tensor.shape[-2] - 32 + 1))
-            images.append(tensor[:, y:y + 32, x:x + 32])
-            labels.append(label)
-    order = rng.permutation(len(labels))
-    return torch.stack(images)[order], torch.tensor(labels)[order]
-
-
-def _digits(domain: str, split: str) -> tuple[Tensor, Tensor]:
-    images, labels = render_digits_domain(domain, split)
-    return torch.from_numpy(images.copy()).permute(0, 3, 1, 2).float() / 255.0, torch.from_numpy(labels.copy())
-
-
 def build_tasks(seed: int) -> dict[str, dict[str, tuple[Tensor, Tensor]]]:
     rng = np.random.default_rng(seed)
     tasks = {}
     for name, domain in (("digit", "clean"), ("textured", "textured"), ("parity", "rotated")):
-        train, test = _digits(domain, "train"), _digits(domain, "test")
+        train, test = digits_tensors(domain, "train"), digits_tensors(domain, "test")
         if name == "parity":
             train, test = (train[0], train[1] % 2), (test[0], test[1] % 2)
         tasks[name] = {"train": train, "test": test}
-    tasks["photo"] = {"train": _photo_crops(134, True, rng), "test": _photo_crops(45, False, rng)}
+    tasks["photo"] = {"train": photo_crops(134, "left", rng), "test": photo_crops(45, "right", rng)}
     return tasks
 
 
-def pretext(seed: int) -> list[tuple[Tensor, Tensor]]:
-    """4-way rotation prediction (self-supervised: none of the tasks) on `negative` digits and on photo crops."""
+def pretext(seed: int, kind: str = "rotation") -> list[tuple[Tensor, Tensor]]:
+    """The base's training data, none of the tasks. ``rotation``: 4-way rotation prediction (self-supervised) on
+    `negative` digits and on photo crops; ``negative``: the `negative` digits' own labels (a supervised, other-domain
+    pretext, as CLIP's base has seen labelled data of other kinds) and rotation prediction on photo crops."""
     rng = np.random.default_rng(seed + 1)
-    out = []
-    for images in (_digits("negative", "train")[0], _photo_crops(134, True, rng)[0]):
+    negative, crops = digits_tensors("negative", "train"), photo_crops(134, "left", rng)[0]
+    out = [] if kind == "rotation" else [negative]
+    for images in ((negative[0], crops) if kind == "rotation" else (crops,)):
         turns = torch.from_numpy(rng.integers(0, 4, len(images)))
         out.append((torch.stack([torch.rot90(img, int(k), dims=(1, 2)) for img, k in zip(images, turns)]), turns))
     return out
 
 
 def train(backbone: nn.Module, heads: list[nn.Module], data: list[tuple[Tensor, Tensor]], epochs: int, lr: float,
-          train_heads: bool, seed: int, batch: int = 64) -> None:
+          train_heads: bool, seed: int, batch: int = 64, shift: int = 2) -> None:
     torch.manual_seed(seed)
     head_params = list({id(p): p for h in heads for p in h.parameters()}.values())
     params = list(backbone.parameters()) + (head_params if train_heads else [])
@@ -151,6 +123,8 @@ def train(backbone: nn.Module, heads: list[nn.Module], data: list[tuple[Tensor, 
         for position in torch.randperm(len(batches)).tolist():
             t, idx = batches[position]
             x, y = data[t][0][idx], data[t][1][idx]
+            if shift:  # the recipe of bench/vit_recipe.py: random shifts of up to `shift` pixels per batch
+                x = torch.roll(x, shifts=tuple(int(v) for v in torch.randint(-shift, shift + 1, (2,))), dims=(2, 3))
             loss = F.cross_entropy(heads[t](backbone(x)), y, label_smoothing=0.1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -203,8 +177,10 @@ def spike_checks(record: dict, names: list[str], classes: dict[str, int]) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base-epochs", type=int, default=15)
-    parser.add_argument("--expert-epochs", type=int, default=5)
+    parser.add_argument("--base-epochs", type=int, default=60)
+    parser.add_argument("--expert-epochs", type=int, default=10)
+    parser.add_argument("--pretext", choices=("rotation", "negative"), default="rotation")
+    parser.add_argument("--patch", type=int, default=8)
     parser.add_argument("--expert-lr", type=float, default=3e-4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -215,10 +191,15 @@ def main() -> None:
     tasks = build_tasks(args.seed)
     names = list(tasks)
     torch.manual_seed(args.seed)
-    base = ViTBackbone()
-    pre = pretext(args.seed)
+    base = ViTBackbone(patch=args.patch)
+    pre = pretext(args.seed, args.pretext)
+    # per-channel standardisation with the pretext images' statistics (the recipe), applied to every image
+    pooled = torch.cat([x for x, _ in pre])
+    mean, std = pooled.mean((0, 2, 3), keepdim=True), pooled.std((0, 2, 3), keepdim=True)
+    pre = [((x - mean) / std, y) for x, y in pre]
+    tasks = {n: {split: ((x - mean) / std, y) for split, (x, y) in t.items()} for n, t in tasks.items()}
     rotation_head = nn.Linear(96, 4)
-    pre_heads = [rotation_head, rotation_head]
+    pre_heads = [rotation_head, rotation_head] if args.pretext == "rotation" else [nn.Linear(96, 10), rotation_head]
     train(base, pre_heads, pre, args.base_epochs, 1e-3, train_heads=True, seed=args.seed)
     print(f"base trained ({time.perf_counter() - started:.0f} s); pretext train acc "
           f"{[accuracy(base, h, d) for h, d in zip(pre_heads, pre)]}", flush=True)
@@ -268,7 +249,7 @@ def main() -> None:
     record["args"] = vars(args)
     record["checks"] = spike_checks(record, names, {n: int(splits[n]["fit"][1].max()) + 1 for n in names})
     print(json.dumps({k: v for k, v in record.items() if k != "pmq"}, indent=1))
-    write_result(args.out, "tasks_vit_spike.json", record)
+    write_result(args.out, f"tasks_vit_spike_{args.pretext}_p{args.patch}.json", record)
 
 if __name__ == "__main__":
     main()

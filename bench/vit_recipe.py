@@ -24,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.provenance import write_result  # noqa: E402
-from bench.tasks_vit_spike import _digits  # noqa: E402
+from hdrq_lightning.data.builtin_tasks import digits_tensors  # noqa: E402
 
 
 def run(data, patch: int, width: int, depth: int, epochs: int, lr: float, seed: int) -> dict:
@@ -64,7 +64,7 @@ def main() -> None:
                         help="patch,width,depth,epochs,lr per run")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    (xtr, ytr), (xte, yte) = _digits("clean", "train"), _digits("clean", "test")
+    (xtr, ytr), (xte, yte) = digits_tensors("clean", "train"), digits_tensors("clean", "test")
     mean, std = xtr.mean((0, 2, 3), keepdim=True), xtr.std((0, 2, 3), keepdim=True)
     data = (((xtr - mean) / std, ytr), ((xte - mean) / std, yte))
     rows = []

@@ -106,6 +106,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     if summary.get("task") == "segmentation":
         return segmentation_markdown(summary) + "\n" + "\n".join(analysis_markdown(summary)) + "\n"
     domains = summary["targets"]
+    if not summary["results"]:
+        return "\n".join(fp_markdown(summary) + analysis_markdown(summary)
+                         + (["", *pmq_markdown(summary["pmq"])] if summary.get("pmq") else [])) + "\n"
     bits = list(dict.fromkeys(f"W{r['w_bits']}A{r['a_bits']}" for r in summary["results"]))
     methods = list(dict.fromkeys(r["method"] for r in summary["results"]))
     lines = [
@@ -129,6 +132,26 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     if summary.get("pmq"):
         lines += ["", *pmq_markdown(summary["pmq"])]
     return "\n".join(lines) + "\n"
+
+
+def fp_markdown(summary: dict[str, Any]) -> list[str]:
+    """The full-precision models per target when no quantize-then-merge method ran (``pipeline.methods=[]``, e.g.
+    the post-merge benchmark): the source model (for task benchmarks: the base with its heads), the experts on
+    their own targets, the FP merge."""
+    domains = summary["targets"]
+    fp = summary["fp"]
+
+    def row(name: str, scores: dict[str, float]) -> str:
+        values = [scores[d] for d in domains]
+        return (f"| {name} | " + " | ".join(f"{v:.2f}" for v in values)
+                + f" | {sum(values) / len(values):.2f} | **{_hmean(values):.2f}** |")
+
+    return [f"# {summary['experiment']}: {summary['source']} -> {', '.join(domains)}", "",
+            "Full-precision models, accuracy (%) per target, mean and harmonic mean H.", "",
+            "| Model | " + " | ".join(domains) + " | mean | H |", "|---|" + "---|" * (len(domains) + 2),
+            row(f"source ({summary['source']})", summary["source_only"]),
+            row("experts (each on its own target)", fp["experts"]),
+            row(f"FP merge ({summary.get('fp_merge', 'merge')})", fp["merged"]["per_domain"])]
 
 
 def analysis_markdown(summary: dict[str, Any]) -> list[str]:
@@ -216,7 +239,7 @@ def write_summary(out_dir: Path, summary: dict[str, Any], barrier_curves: dict[s
     rows += [{"method": r["method"], "bits": f"W{r['w_bits']}A{r['a_bits']}", "hmean": r["merged"]["hmean"]}
              for r in summary["results"]]
     plots = [plot_method_comparison(rows, out_dir / "comparison.png",
-                                    title=f"{summary['experiment']}: merged harmonic mean")]
+                                    title=f"{summary['experiment']}: merged harmonic mean")] if rows else []
     if barrier_curves:
         first = next(iter(summary.get("analysis", {}).values()), {})
         pair = " + ".join(first.get("pair", [])) or "two experts"

@@ -101,7 +101,7 @@ def build_multitask_vit(backbone: str, num_classes: Mapping[str, int], backbone_
                           "model.checkpoint_path (or the base model in pmq.models.base) instead.")
     if not isinstance(num_classes, Mapping):
         raise ConfigError(f"the multi-task network needs num_classes per task (a mapping), got {num_classes!r}; "
-                          "use it with data=task_folders.")
+                          "use it with data=task_folders or data=builtin_tasks.")
     try:
         encoder = timm.create_model(backbone, pretrained=False, num_classes=0, **dict(backbone_args or {}))
     except (RuntimeError, TypeError, ValueError) as err:

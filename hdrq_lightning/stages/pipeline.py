@@ -141,7 +141,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
     task = build_task(cfg)
     summary = {
         "experiment": cfg.name, "source": source["domain"], "targets": targets,
-        "task": task.name, "metric": task.metric_name,
+        "task": task.name, "metric": task.metric_name, "fp_merge": cfg.pipeline.fp_merge,
         "source_only": {t: adapted[t]["source_only_acc"] for t in targets},
         "fp": {"experts": {t: adapted[t]["adapted_acc"] for t in targets},
                "merged": _merged_entry(fp_merged)},
@@ -194,6 +194,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
     print((out_dir / "summary.md").read_text())
     log_file = Path(HydraConfig.get().runtime.output_dir) / f"{HydraConfig.get().job.name}.log"
     analysis = f"{out_dir / 'analysis'}/<method>_w<W>a<A>/*.png, " if "analysis" in summary else ""
-    print(f"outputs: {out_dir.resolve()}/summary.json, summary.md, comparison.png, barrier.png; {analysis}"
+    plots = ", ".join(p.name for p in images)
+    print(f"outputs: {out_dir.resolve()}/summary.json, summary.md{', ' + plots if plots else ''}; {analysis}"
           f"every stage's run dir under {out_dir}/<stage>/; the full log: {log_file}")
     return summary
