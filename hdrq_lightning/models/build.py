@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from hdrq_lightning.errors import ConfigError, HdrqError
+from hdrq_lightning.models.attention import unfuse_multihead_attention
 
 INITIAL_WEIGHT_KEYS = ("pretrained", "checkpoint_path")
 
@@ -37,7 +38,9 @@ def architecture(node: DictConfig | Mapping[str, Any], num_classes: int) -> dict
 def build_model(config: Mapping[str, Any]) -> nn.Module:
     """Instantiate a model config (``model_config`` or ``architecture``); our own errors come out unwrapped."""
     try:
-        return hydra.utils.instantiate(dict(config), _convert_="all")
+        # nn.MultiheadAttention's fused projections as four Linear modules its forward calls (models/attention.py):
+        # the quantizers and the post-merge solver see every projection, under the same names in every stage
+        return unfuse_multihead_attention(hydra.utils.instantiate(dict(config), _convert_="all"))
     except InstantiationException as err:
         if isinstance(err.__cause__, HdrqError):
             raise err.__cause__ from None

@@ -308,6 +308,12 @@ def quantize_model(model: nn.Module, config: QuantConfig, init_ranges: bool = Tr
                      *(n for n, o in overrides.items() if o.get("quantize_output")))
     _check_patterns(names, tuple(config.skip), "skip")
     _check_patterns(names, tuple(config.output_quant_layers), "output_quant_layers")
+    fused = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention) and not _is_skipped(n, skip)]
+    if fused:
+        raise ConfigError(f"{type(model).__name__} holds nn.MultiheadAttention ({', '.join(fused)}), whose fused "
+                          "projections no quantizer would see (its forward hands the weights to a functional kernel); "
+                          "call hdrq_lightning.models.attention.unfuse_multihead_attention(model) first (same outputs; "
+                          "networks built from conf/model/ get it already), or skip those modules.")
     quantized = copy.deepcopy(model)
     targets = {
         name: module

@@ -7,6 +7,9 @@ hook on it) never runs and no layer-wise quantizer sees its input; ``out_proj`` 
 ViTs use it (timm's fused ``qkv`` is a plain Linear and needs nothing). ``unfuse_multihead_attention(model)``
 replaces every instance with ``UnfusedMultiheadAttention``: same parameters split into ``q_proj``, ``k_proj``,
 ``v_proj``, ``out_proj``, same forward signature and outputs (tested to 1e-6 against the original).
+``models/build.py`` applies it to every network it builds, so that every stage (training, quantization, merging,
+post-merge quantization, evaluation) sees the same parameter names; a state dict in the fused layout
+(``in_proj_weight``, ``in_proj_bias``, or ``q/k/v_proj_weight``: an open_clip or torchvision file) still loads.
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ from hdrq_lightning.errors import ConfigError
 
 class UnfusedMultiheadAttention(nn.Module):
     """Multi-head attention computed from four Linear modules (see the module docstring)."""
+
+    # what nn.TransformerEncoderLayer / nn.TransformerEncoder read to choose their fused fast path (which would hand
+    # in_proj_weight to a kernel): absent fused weights send them down the regular path, which calls this forward
+    in_proj_weight = None
+    in_proj_bias = None
+    _qkv_same_embed_dim = False
 
     def __init__(self, mha: nn.MultiheadAttention) -> None:
         super().__init__()
@@ -46,6 +55,22 @@ class UnfusedMultiheadAttention(nn.Module):
             if mha.out_proj.bias is not None:
                 self.out_proj.bias.copy_(mha.out_proj.bias)
         self.train(mha.training)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: object) -> None:
+        """Accept ``nn.MultiheadAttention``'s fused keys: split them into the q/k/v projections' keys."""
+        fused_weight = state_dict.pop(prefix + "in_proj_weight", None)
+        fused_bias = state_dict.pop(prefix + "in_proj_bias", None)
+        if fused_weight is not None:
+            for name, weight in zip(("q", "k", "v"), fused_weight.chunk(3)):
+                state_dict[f"{prefix}{name}_proj.weight"] = weight
+        for name in ("q", "k", "v"):
+            separate = state_dict.pop(f"{prefix}{name}_proj_weight", None)
+            if separate is not None:
+                state_dict[f"{prefix}{name}_proj.weight"] = separate
+        if fused_bias is not None:
+            for name, bias in zip(("q", "k", "v"), fused_bias.chunk(3)):
+                state_dict[f"{prefix}{name}_proj.bias"] = bias
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     @staticmethod
     def _additive(mask: Tensor | None, like: Tensor) -> Tensor | None:
