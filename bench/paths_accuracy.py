@@ -28,6 +28,7 @@ PATHS = {
     "fast": ["quant.runtime.compile=true", "quant.runtime.cuda_graphs=true", "quant.runtime.channels_last=true",
              "quant.runtime.tf32=true", "quant.runtime.steps_per_batch=25"],
 }
+PATHS["fast_bf16"] = [*PATHS["fast"], "quant.runtime.bf16=true"]  # + bfloat16 autocast of the convolutions
 
 
 def run_path(name: str, overrides: list[str], sweep: list[str], experiment_runs: Path, work: Path) -> dict:
