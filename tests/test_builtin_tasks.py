@@ -148,3 +148,14 @@ def test_pipeline_on_the_builtin_tasks_writes_the_post_merge_tables(tmp_path, mo
     text = (out / "summary.md").read_text()
     assert "| experts (each on its own target) |" in text and "| task_arithmetic | E-PMQ |" in text
     assert not (out / "comparison.png").exists()  # no quantize-then-merge rows to compare
+
+
+def test_stages_the_builtin_tasks_do_not_serve_are_one_paragraph(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "hdrq_lightning.cli", "quantize", "experiment=vit_tasks",
+                          f"paths.runs_dir={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "serves only the source, adapt, pmq, merge, evaluate, pipeline stages" in " ".join(out.stderr.split())
+    assert not (tmp_path / "vit_tasks" / "quantize").exists()

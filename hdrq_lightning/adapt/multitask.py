@@ -68,7 +68,7 @@ class _TaskTraining(L.LightningModule):
         if not hasattr(model, "heads") or not hasattr(model, "features"):
             raise ConfigError(f"{type(self).__name__} trains the multi-task network (model=vit_tiny_tasks or "
                               f"model=vit_tasks), not a {type(model).__name__}.")
-        for key, value, low in [("epochs", epochs, 0), ("batch_size", batch_size, 1), ("shift", shift, 0)]:
+        for key, value, low in [("epochs", epochs, 1), ("batch_size", batch_size, 1), ("shift", shift, 0)]:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{key}={value!r} must be an integer >= {low}.")
         if not (lr > 0 and weight_decay >= 0 and 0 < warmup_pct < 1 and 0 <= label_smoothing < 1):

@@ -103,7 +103,8 @@ class TensorItems(Dataset):
 class BuiltinTasksDataModule:
     """The four built-in tasks and the base's pretext; see the module docstring."""
 
-    stages = ("source", "adapt", "pmq", "merge", "evaluate", "pipeline")  # no quantize-then-merge (yet)
+    stages = ("source", "adapt", "pmq", "merge", "evaluate", "pipeline")
+    stages_note = "its experts are merged in float and quantized after merging; no quantize-then-merge or analysis"
 
     def __init__(self, targets: Sequence[str] = tuple(TASKS), photo_train: int = 134, photo_test: int = 45,
                  batch_size: int = 64, eval_batch_size: int = 256, calibration_batch_size: int = 64,

@@ -69,7 +69,8 @@ def check_task_folder(root: Path, task: str) -> list[str]:
 class TaskFoldersDataModule:
     """Tasks of ``<root>/<task>/{train,test}/<class>/<image>``; see the module docstring."""
 
-    stages = ("pmq", "evaluate")  # the base and the experts come from files: no source/adapt/quantize training
+    stages = ("pmq", "evaluate")
+    stages_note = "its models come from files"  # no source/adapt/quantize training
 
     def __init__(self, root: str | None, targets: Sequence[str], source: str = "base", image_size: int = 224,
                  resize_size: int | None = None, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,

@@ -57,8 +57,9 @@ def build_datamodule(cfg: DictConfig):
     dm = _instantiate(cfg.data)
     served, stage = getattr(dm, "stages", None), cfg.get("stage")
     if served is not None and stage not in (None, "???") and stage not in served:
-        raise ConfigError(f"data={cfg.data.get('name', 'this data')} serves only the {', '.join(served)} stages "
-                          f"(its models come from files), not `hdrq {stage}`; run e.g. `hdrq {served[0]}` "
+        why = getattr(dm, "stages_note", "")
+        raise ConfigError(f"data={cfg.data.get('name', 'this data')} serves only the {', '.join(served)} stages"
+                          f"{f' ({why})' if why else ''}, not `hdrq {stage}`; run e.g. `hdrq {served[0]}` "
                           "with the same experiment.")
     return dm
 
