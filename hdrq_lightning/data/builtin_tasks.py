@@ -107,14 +107,13 @@ class BuiltinTasksDataModule:
     stages_note = "its experts are merged in float and quantized after merging; no quantize-then-merge or analysis"
 
     def __init__(self, targets: Sequence[str] = tuple(TASKS), photo_train: int = 134, photo_test: int = 45,
-                 batch_size: int = 64, eval_batch_size: int = 256, calibration_batch_size: int = 64,
+                 eval_batch_size: int = 256, calibration_batch_size: int = 64,
                  num_workers: int = 0, seed: int = 0, name: str = "builtin_tasks") -> None:
         tasks = list(targets)
         unknown = [t for t in tasks if t not in TASKS]
         if not tasks or unknown or len(set(tasks)) != len(tasks):
             raise ConfigError(f"data.targets={tasks} must name built-in tasks, each once, from {list(TASKS)}.")
-        for key, value in [("photo_train", photo_train), ("photo_test", photo_test), ("batch_size", batch_size),
-                           ("eval_batch_size", eval_batch_size),
+        for key, value in [("photo_train", photo_train), ("photo_test", photo_test), ("eval_batch_size", eval_batch_size),
                            ("calibration_batch_size", calibration_batch_size)]:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"data.{key}={value!r} must be a positive integer.")
@@ -123,7 +122,7 @@ class BuiltinTasksDataModule:
         self.num_classes: dict[str, int] = {t: TASKS[t] for t in tasks}
         self.classes = {t: ["even", "odd"] if t == "parity" else list(PHOTOS) if t == "photo" else
                         [str(d) for d in range(10)] for t in tasks}
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.eval_batch_size = eval_batch_size  # training batches are the training plug-ins' (source/adapt.batch_size)
         self.calibration_batch_size, self.num_workers = calibration_batch_size, num_workers
         rng = np.random.default_rng([seed, 7])
         negative = digits_tensors("negative", "train", seed)
