@@ -1,21 +1,24 @@
 """Spike: do experts of a tiny from-scratch ViT merge, so that E-PMQ gets its multi-task, Linear-layer setting?
 
-    python bench/tasks_vit_spike.py --out bench/results          # about 5 CPU-minutes on 2 threads
+    python bench/tasks_vit_spike.py --pretext negative --out bench/results    # about 3 CPU-minutes on 2 threads
 
 The protocol of Task Arithmetic's CLIP recipe, on data that installed packages ship (design note epmq.md 3.2):
-(1) a base: a timm ViT (32 px, patch 4, width 96, depth 4, 4 heads, random init) trained on a pretext mixture that
-is none of the tasks (4-way rotation prediction on `negative` digits and on photo crops); (2) one linear head per
-task fitted on frozen base features, then frozen; (3) one expert per task: the whole backbone fine-tuned at a small
-learning rate with its head frozen; (4) Task Arithmetic and TIES merges of the backbones (scaling chosen on a
-held-out part of the train split); (5) RTN, GPTQ and E-PMQ of every backbone Linear (and the patch conv at 8 bit),
-W4 and W3, 128 calibration images per task, through the project's driver (pmq/sequential.py).
+(1) a base: a timm ViT (32 px, patch 8 (--patch), width 96, depth 4, 4 heads, random init) trained with
+bench/vit_recipe.py's recipe (standardisation, 2-px shifts, label smoothing, AdamW, one-cycle) on a pretext that
+is none of the tasks (--pretext rotation: 4-way rotation prediction on `negative` digits and on photo crops;
+negative: the `negative` digits' labels and rotation of photo crops); (2) one linear head per task fitted on
+frozen base features, then frozen; (3) one expert per task: the whole backbone fine-tuned at a small learning rate
+with its head frozen; (4) Task Arithmetic and TIES merges of the backbones (scaling chosen on a held-out part of
+the train split); (5) RTN, GPTQ and E-PMQ of every backbone Linear (and the patch conv at 8 bit), W4 and W3, 128
+calibration images per task, through the project's driver (pmq/sequential.py). The built-in experiment
+`vit_tasks` runs the `negative` protocol as stages (data/builtin_tasks.py, adapt/multitask.py).
 
 Tasks: `digit` (clean digits, 10 classes), `textured` (digits on texture photographs, 10), `parity` (rotated
 digits, odd/even), `photo` (which of 10 photographs a 32x32 crop comes from; train crops from the left 70% of each
 photo, test crops from the right 30%). Digits use the project's seeded train/test split.
 
 It answers the spike's three questions: (a) experts well above base+probe on every task, (b) the merges below the
-experts and above chance, (c) GPTQ at W3 loses points that E-PMQ wins back. Writes tasks_vit_spike.json.
+experts and above chance, (c) GPTQ at W3 loses points that E-PMQ wins back. Writes tasks_vit_spike_<pretext>_p<patch>.json.
 """
 
 from __future__ import annotations
