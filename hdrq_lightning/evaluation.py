@@ -78,7 +78,8 @@ class DomainEvaluator:
         """(mean over domains of the loss per sample, harmonic mean over domains of the score in %)."""
         model.eval().to(self.device)
         losses, scores = [], []
-        for batches in self.batches.values():
+        for domain, batches in self.batches.items():
+            select_task(model, domain)
             total, loss, correct = 0, 0.0, 0
             for images, labels in batches:
                 logits = self.task.predict(model, images)

@@ -15,6 +15,8 @@ from tiny import CONF_DIR
 from hdrq_lightning.artifacts import read_json
 from hdrq_lightning.data.task_folders import TaskFoldersDataModule
 from hdrq_lightning.errors import ArtifactError, ConfigError, DataError
+from hdrq_lightning.evaluation import DomainEvaluator, evaluate_domains
+from hdrq_lightning.metrics import harmonic_mean
 from hdrq_lightning.models.io import load_model_file
 from hdrq_lightning.models.multitask import build_multitask_vit
 from hdrq_lightning.quant.export import load_integer_file
@@ -82,6 +84,30 @@ def test_task_folders_read_each_task_and_refuse_bad_layouts(tmp_path):
         TaskFoldersDataModule(str(root), ["colors"])
     with pytest.raises(ConfigError, match="data.root is required"):
         TaskFoldersDataModule(None, ["colors"])
+
+
+def test_evaluators_score_each_task_with_its_own_head_on_the_test_subset(tmp_path):
+    """DomainEvaluator (the analysis) and evaluate_domains switch to each task's head; max_test_images keeps a
+    seeded subset of the test split. Loss and score recomputed by hand."""
+    root = _folders(tmp_path / "tasks")
+    dm = TaskFoldersDataModule(str(root), ["shapes", "colors"], image_size=32, max_test_images=5)
+    assert sum(len(b[1]) for b in dm.loader("colors", "test")) == 5
+    torch.manual_seed(0)
+    model = _network().eval()
+    losses, scores = [], []
+    with torch.no_grad():
+        for task in TASKS:
+            x = torch.cat([b[0] for b in dm.loader(task, "test")])
+            y = torch.cat([b[1] for b in dm.loader(task, "test")])
+            logits = model.heads[task](model.features(x))
+            losses.append(float(torch.nn.functional.cross_entropy(logits, y)))
+            scores.append(100.0 * float((logits.argmax(1) == y).float().mean()))
+    model.select_task("shapes")  # the evaluators must switch heads themselves
+    loss, hmean = DomainEvaluator(dm, ["shapes", "colors"], None, torch.device("cpu"))(model)
+    assert loss == pytest.approx(sum(losses) / 2, rel=1e-5)
+    assert hmean == pytest.approx(harmonic_mean(scores), abs=1e-4)
+    result = evaluate_domains(model, dm, ["shapes", "colors"], device=torch.device("cpu"))
+    assert [result["per_domain"][t] for t in TASKS] == pytest.approx(scores, abs=1e-3)
 
 
 @pytest.fixture

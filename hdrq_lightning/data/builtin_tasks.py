@@ -28,15 +28,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from hdrq_lightning.data.datamodule import IndexedSubset
+from hdrq_lightning.data.datamodule import TaskSets
 from hdrq_lightning.data.digits import render_digits_domain
 from hdrq_lightning.errors import ConfigError
 
 TASKS: dict[str, int] = {"digit": 10, "textured": 10, "parity": 2, "photo": 10}
 PRETEXT = "pretext"
-SPLITS = ("train", "test")
+SPLITS = TaskSets.splits
 PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "grass", "gravel", "brick", "china", "flower")
 CROP, PHOTO_SIDE, PHOTO_TRAIN_FRACTION = 32, 128, 0.7
 _DIGIT_TASKS = {"digit": "clean", "textured": "textured", "parity": "rotated"}
@@ -100,7 +100,7 @@ class TensorItems(Dataset):
         return self.images[index], int(self.labels[index]), index
 
 
-class BuiltinTasksDataModule:
+class BuiltinTasksDataModule(TaskSets):
     """The four built-in tasks and the base's pretext; see the module docstring."""
 
     stages = ("source", "adapt", "pmq", "merge", "evaluate", "pipeline")
@@ -150,32 +150,10 @@ class BuiltinTasksDataModule:
         """The base's training sets, ``(name, items)``; each has its own classes (``items.classes``)."""
         return list(self._pretext)
 
-    def has_split(self, domain: str, split: str) -> bool:
-        return domain in self.targets and split in SPLITS
-
     def _check(self, task: str, split: str) -> None:
         if task == PRETEXT:
             raise ConfigError("the pretext has no test split and no head of the network; it trains the base only.")
-        if task not in self.targets:
-            raise ConfigError(f"Task {task!r} is not in data.targets ({', '.join(self.targets)}).")
-        if split not in SPLITS:
-            raise ConfigError(f"Unknown split {split!r}; tasks have {', '.join(SPLITS)}.")
+        super()._check(task, split)
 
-    def dataset(self, task: str, split: str) -> TensorItems:
-        self._check(task, split)
+    def _dataset(self, task: str, split: str) -> TensorItems:
         return self._sets[task, split]
-
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed))
-
-    def loader(self, task: str, split: str, batch_size: int | None = None, shuffle: bool = False,
-               **_: object) -> DataLoader:
-        return self._loader(self.dataset(task, split), batch_size or self.eval_batch_size, shuffle)
-
-    def calibration_loader(self, task: str, size: int, batch_size: int | None = None, **_: object) -> DataLoader:
-        """The first ``size`` images of a seeded permutation of the task's train split, in that order."""
-        train = self.dataset(task, "train")
-        salt = sum(ord(c) for c in task)
-        chosen = np.random.default_rng([self.seed, salt]).permutation(len(train))[:size]
-        return self._loader(IndexedSubset(train, chosen), batch_size or self.calibration_batch_size)

@@ -59,6 +59,55 @@ class IndexedSubset(Dataset):
         return image, label, position
 
 
+class TaskSets:
+    """Loaders of a multi-task data module (task folders, the built-in tasks): what the pmq and evaluate stages and
+    the task training plug-ins read. Each task has ``train`` and ``test`` splits of ``(image, label, index)`` items;
+    subclasses set ``targets``, ``seed``, ``eval_batch_size``, ``calibration_batch_size``, ``num_workers``,
+    ``max_test_images`` and implement ``_dataset(task, split)``."""
+
+    splits: tuple[str, ...] = ("train", "test")
+    max_test_images: int | None = None
+
+    def _dataset(self, task: str, split: str) -> Dataset:
+        raise NotImplementedError
+
+    def _check(self, task: str, split: str) -> None:
+        if task not in self.targets:
+            raise ConfigError(f"Task {task!r} is not in data.targets ({', '.join(self.targets)}).")
+        if split not in self.splits:
+            raise ConfigError(f"Unknown split {split!r}; tasks have {', '.join(self.splits)}.")
+
+    def dataset(self, task: str, split: str) -> Dataset:
+        self._check(task, split)
+        return self._dataset(task, split)
+
+    def has_split(self, domain: str, split: str) -> bool:
+        return domain in self.targets and split in self.splits
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(self.seed))
+
+    def loader(self, task: str, split: str, batch_size: int | None = None, shuffle: bool = False,
+               **_: object) -> DataLoader:
+        """A task's split in its own order; test: the first ``max_test_images`` of a seeded permutation (kept in
+        order) when set, a quick look at a large test set."""
+        dataset = self.dataset(task, split)
+        if split == "test" and self.max_test_images is not None and self.max_test_images < len(dataset):
+            permutation = _domain_rng(self.seed, _SPLIT_SALT, task).permutation(len(dataset))
+            dataset = IndexedSubset(dataset, np.sort(permutation[:self.max_test_images]))
+        return self._loader(dataset, batch_size or self.eval_batch_size, shuffle)
+
+    def calibration_loader(self, task: str, size: int, batch_size: int | None = None, **_: object) -> DataLoader:
+        """The first ``size`` images of a seeded permutation of the task's train split, in that order."""
+        train = self.dataset(task, "train")
+        if size > len(train):
+            warnings.warn(f"Calibration size {size} exceeds the {len(train)} train images of {task!r}; using all "
+                          "of them.", stacklevel=2)
+        chosen = _domain_rng(self.seed, _CALIBRATION_SALT, task).permutation(len(train))[:size]
+        return self._loader(IndexedSubset(train, chosen), batch_size or self.calibration_batch_size)
+
+
 class EpochSeededSampler(Sampler[int]):
     """A shuffling sampler whose epoch's order and augmentation draws are functions of (seed, epoch) alone.
 

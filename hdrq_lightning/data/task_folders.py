@@ -13,20 +13,16 @@ the base model, no data), ``targets`` (the tasks, ``data.targets``), ``loader(ta
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from hdrq_lightning.data.datamodule import IndexedSubset
+from hdrq_lightning.data.datamodule import TaskSets
 from hdrq_lightning.data.office_home import IMAGE_SUFFIXES, ImageFolderDomain
 from hdrq_lightning.errors import ConfigError, DataError
 
-SPLITS = ("train", "test")
+SPLITS = TaskSets.splits
 LAYOUT = "<root>/<task>/{train,test}/<class>/<image>.jpg|png"
 # CLIP's normalisation (the encoders of the task-arithmetic setting); ImageNet's for other encoders.
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -66,7 +62,7 @@ def check_task_folder(root: Path, task: str) -> list[str]:
     return classes["train"]
 
 
-class TaskFoldersDataModule:
+class TaskFoldersDataModule(TaskSets):
     """Tasks of ``<root>/<task>/{train,test}/<class>/<image>``; see the module docstring."""
 
     stages = ("pmq", "evaluate")
@@ -101,40 +97,7 @@ class TaskFoldersDataModule:
             transforms.CenterCrop(image_size), transforms.ToTensor(), transforms.Normalize(mean, std)])
         self._sets: dict[tuple[str, str], ImageFolderDomain] = {}
 
-    def _check(self, task: str, split: str) -> None:
-        if task not in self.targets:
-            raise ConfigError(f"Task {task!r} is not in data.targets ({', '.join(self.targets)}).")
-        if split not in SPLITS:
-            raise ConfigError(f"Unknown split {split!r}; tasks have {', '.join(SPLITS)}.")
-
-    def dataset(self, task: str, split: str) -> ImageFolderDomain:
-        self._check(task, split)
+    def _dataset(self, task: str, split: str) -> ImageFolderDomain:
         if (task, split) not in self._sets:
             self._sets[task, split] = ImageFolderDomain(self.root / task, split, self.transform, domains=SPLITS)
         return self._sets[task, split]
-
-    def _loader(self, dataset, batch_size: int) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed))
-
-    def loader(self, task: str, split: str, batch_size: int | None = None, **_: object) -> DataLoader:
-        """(image, label, index) of a task's split in file order; test: the first ``max_test_images`` of a
-        seeded permutation when set (a quick look at a large test set)."""
-        dataset = self.dataset(task, split)
-        if split == "test" and self.max_test_images is not None and self.max_test_images < len(dataset):
-            chosen = np.sort(self._permutation(task, split, len(dataset))[:self.max_test_images])
-            dataset = IndexedSubset(dataset, chosen)
-        return self._loader(dataset, batch_size or self.eval_batch_size)
-
-    def _permutation(self, task: str, split: str, count: int) -> np.ndarray:
-        salt = sum(ord(c) for c in f"{task}/{split}")
-        return np.random.default_rng([self.seed, salt]).permutation(count)
-
-    def calibration_loader(self, task: str, size: int, batch_size: int | None = None, **_: object) -> DataLoader:
-        """The first ``size`` images of a seeded permutation of the task's train split, in that order."""
-        train = self.dataset(task, "train")
-        if size > len(train):
-            warnings.warn(f"Calibration size {size} exceeds the {len(train)} train images of {task!r}; using all "
-                          "of them.", stacklevel=2)
-        chosen = self._permutation(task, "train", len(train))[:size]
-        return self._loader(IndexedSubset(train, chosen), batch_size or self.calibration_batch_size)
