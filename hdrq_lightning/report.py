@@ -143,8 +143,8 @@ def fp_markdown(summary: dict[str, Any]) -> list[str]:
 
     def row(name: str, scores: dict[str, float]) -> str:
         values = [scores[d] for d in domains]
-        return (f"| {name} | " + " | ".join(f"{v:.2f}" for v in values)
-                + f" | {sum(values) / len(values):.2f} | **{_hmean(values):.2f}** |")
+        entry = {"per_domain": scores, "mean": sum(values) / len(values), "hmean": _hmean(values)}
+        return f"| {name} | {_pmq_cells(entry, domains)} |"
 
     return [f"# {summary['experiment']}: {summary['source']} -> {', '.join(domains)}", "",
             "Full-precision models, accuracy (%) per target, mean and harmonic mean H.", "",
