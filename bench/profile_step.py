@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--calibration", type=int, default=256)
+    parser.add_argument("--sources", type=int, default=0,
+                        help="also print the source of the N slowest Inductor kernels (read from its cache folder)")
     args = parser.parse_args()
     module, callbacks = build_engine(args.model, args.method, args.path, args.calibration, iters=20000,
                                      batch_size=32, cuda_graphs=False)
@@ -47,6 +49,28 @@ def main() -> None:
         torch.cuda.synchronize()
     print(f"{args.model} {args.unit} {args.method} {args.mode} {args.path}: per step")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    if args.sources:
+        print_kernel_sources(prof, args.sources)
+
+
+def print_kernel_sources(prof, count: int) -> None:
+    """The generated source of the ``count`` Triton kernels (``triton_*``) with the most CUDA time."""
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    events = sorted((e for e in prof.key_averages() if e.key.startswith("triton_")),
+                    key=lambda e: -e.device_time_total)[:count]
+    files = list(Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or cache_dir()).rglob("*.py"))
+    for event in events:
+        for path in files:
+            text = path.read_text(errors="replace")
+            start = text.find(f"def {event.key}(")
+            if start >= 0:
+                decorator = text.rfind("@triton", 0, start)
+                print(f"\n# {event.key}: {event.device_time_total / 1000:.3f} ms in all ({path.name})")
+                print(text[decorator if decorator >= 0 else start:])
+                break
 
 
 if __name__ == "__main__":

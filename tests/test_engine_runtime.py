@@ -221,6 +221,25 @@ def test_unit_adam_steps_the_active_groups_as_adam_steps_all(setup):
     assert len(module._optimizer.param_groups) > len(module._active)
 
 
+def test_unit_adam_kernel_step_falls_back_to_step_where_the_kernel_does_not_apply():
+    """kernel_step (what a captured step calls) runs torch's update for what the Triton kernel does not take: CPU
+    tensors, a float learning rate; the result is step's, bit for bit (the kernel itself: tests/test_kernels.py)."""
+    from hdrq_lightning.quant.engine.module import UnitAdam
+
+    torch.manual_seed(1)
+    start = torch.randn(6, 4)
+    results = []
+    for name in ("step", "kernel_step"):
+        param = start.clone().requires_grad_(True)
+        optimizer = UnitAdam([{"params": [param], "lr": 0.05, "unit": 0, "kind": "weight"}])
+        optimizer.only = (0, frozenset({"weight"}))
+        for i in range(3):
+            param.grad = torch.full_like(param, float(i + 1))
+            getattr(optimizer, name)()
+        results.append(param.detach())
+    assert torch.equal(*results) and not torch.equal(results[0], start)
+
+
 @pytest.mark.parametrize("tf32", [None, True, False])
 def test_tf32_null_keeps_the_process_settings(tf32):
     """quant.runtime.tf32: null leaves torch's settings (TF32 convolutions, FP32 matmuls by default, as the

@@ -109,7 +109,12 @@ def test_captured_step_matches_eager_step(method, noise):
                               drop_prob=0.0, iters=8, act_iters=4, batch_size=8),
               "qdrop": Recipe(method="qdrop", iters=8, batch_size=8),
               "hdrq": hdrq_recipe(noise)}[method]
-    module = compare(recipe, Runtime(cuda_graphs=True, graph_warmup=1), "cuda", steps=21,
+    # The eager reference steps with torch's fused Adam, the graph with the Triton Adam kernel: BRECQ and QDrop
+    # agree to 1e-4 all the same; HDRQ's latent weights turn the kernel's last-bit differences into other roundings
+    # (1-3% on a loss within 21 steps), so HDRQ's graph runs torch's Adam here (the kernel against torch's Adam, in a
+    # CUDA graph too: tests/test_kernels.py)
+    runtime = Runtime(cuda_graphs=True, graph_warmup=1, adam_kernel=method != "hdrq")
+    module = compare(recipe, runtime, "cuda", steps=21,
                      tolerance=1e-2 if noise else 1e-4, state_atol=1e-3 if noise else 1e-5)
     assert module._graph is not None and module._graph.graph is not None  # really replaying
 

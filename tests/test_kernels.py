@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hdrq_lightning.quant import kernels
-from hdrq_lightning.quant.noise import residual_histogram
+from hdrq_lightning.quant import kernels, noise
+from hdrq_lightning.quant.noise import quantile_table_torch, residual_histogram, scaled_residual_histogram
 
 
 def adversarial(n: int = 10_001, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,12 +43,89 @@ def histc_counts(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 _INTERPRETED = """
 import json, sys, torch
 sys.path.insert(0, {tests!r})
-from test_kernels import adversarial, histc_counts
+from test_kernels import adam_against_torch, adversarial, histc_counts, scaled_cases, scaled_expected, table_cases
 from hdrq_lightning.quant import kernels
+from hdrq_lightning.quant.noise import quantile_table_torch, _QUANTILE_SLOTS, _EMPTY_BIN_WEIGHT
 x, mask = adversarial()
 print(json.dumps([bool(torch.equal(kernels.residual_histogram(x, 256, m, programs=3), histc_counts(x, m)))
                   for m in (None, mask)]))
+print(json.dumps([bool(torch.equal(kernels.scaled_residual_histogram(*case, programs=3), scaled_expected(*case)))
+                  for case in scaled_cases()]))
+print(json.dumps([bool(torch.equal(kernels.quantile_table(c, _QUANTILE_SLOTS, _EMPTY_BIN_WEIGHT, torch.uint8),
+                                   quantile_table_torch(c))) for c in table_cases()]))
+print(json.dumps([adam_against_torch(kernels.adam_update, wd, eps) for wd, eps in ((0.0, 1e-8), (0.01, 1e-3))]))
 """
+
+
+def adam_against_torch(update, weight_decay: float, eps: float, device: str = "cpu", steps: int = 7) -> float:
+    """Largest difference (relative above 1, absolute below) between ``update`` (kernels.adam_update's signature) and torch.optim.Adam
+    (learning rate in a tensor) over ``steps`` steps on a channels-last conv weight, a matrix of 2,500 elements
+    (several programs, a ragged last block) and a scalar, with the learning rate changed between steps."""
+    generator = torch.Generator().manual_seed(11)
+    params = [torch.randn(shape, generator=generator) for shape in [(8, 5, 3, 3), (50, 50), ()]]
+    params[0] = params[0].contiguous(memory_format=torch.channels_last)
+    params = [p.to(device) for p in params]
+    reference = [p.clone().requires_grad_(True) for p in params]
+    lr = torch.tensor(0.01, device=device)
+    optimizer = torch.optim.Adam(reference, lr=lr, betas=(0.9, 0.999), eps=eps, weight_decay=weight_decay,
+                                 capturable=device != "cpu")
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    step = torch.zeros((), device=device)
+    worst = 0.0
+    for i in range(steps):
+        grads = [torch.randn(p.shape, generator=generator).to(device) * (i + 1) for p in params]
+        grads[0] = grads[0].contiguous(memory_format=torch.channels_last)
+        lr.fill_(0.01 / (i + 1))
+        for r, g in zip(reference, grads):
+            r.grad = g.clone()
+        optimizer.step()
+        step += 1
+        for p, g, (m, v) in zip(params, grads, moments):
+            update(p, g, m, v, step, lr, 0.9, 0.999, eps, weight_decay)
+        for p, r in zip(params, reference):
+            worst = max(worst, ((p - r.detach()).abs() / (r.detach().abs() + 1)).max().item())
+    return worst
+
+
+def scaled_cases(device: str = "cpu") -> list[tuple]:
+    """(t, scale, zero_point, qmin, qmax, bins) of the noise forward: a per-tensor activation step in float32 and
+    bfloat16 (signed and unsigned grids), per-output-channel weight steps of a contiguous and a channels-last
+    conv weight and of a Linear weight; values beyond both clip boundaries and exactly on them."""
+    generator = torch.Generator().manual_seed(3)
+    x, _ = adversarial(10_001)
+    activation = (x * 0.37).to(device)
+    cases = [(activation, torch.tensor(0.37), torch.tensor(0.0), 0, 15, 256),
+             (activation.bfloat16(), torch.tensor(0.37), torch.tensor(0.0), 0, 15, 256),
+             (activation - 1.0, torch.tensor(0.21), torch.tensor(3.0), -8, 7, 256)]
+    conv = torch.randn(24, 16, 3, 3, generator=generator)
+    conv_scale = torch.rand(24, 1, 1, 1, generator=generator) * 0.2 + 0.05
+    conv_zero = torch.randint(0, 8, (24, 1, 1, 1), generator=generator).float()
+    conv[:, 0, 0, 0] = (15 - conv_zero[:, 0, 0, 0]) * conv_scale[:, 0, 0, 0]  # on the upper boundary
+    cases += [(conv.to(device), conv_scale, conv_zero, 0, 15, 256),
+              (conv.to(device).to(memory_format=torch.channels_last), conv_scale, conv_zero, 0, 15, 256),
+              (conv.reshape(24, -1).to(device), conv_scale.reshape(24, 1), conv_zero.reshape(24, 1), 0, 15, 128)]
+    return [(t, s.to(device), z.to(device), qmin, qmax, bins) for t, s, z, qmin, qmax, bins in cases]
+
+
+def table_cases(device: str = "cpu") -> list[torch.Tensor]:
+    """Histograms to invert: a ReLU output's (one hot bin), a spread one, one occupied bin, an empty one (all
+    elements clipped), sparse counts with zero bins between, and one over 2^24 elements."""
+    generator = torch.Generator().manual_seed(5)
+    x, _ = adversarial(100_000)
+    spread = torch.histc(torch.round(x * 3.1) - x * 3.1, 256, -0.5, 0.5)
+    hot = torch.histc(torch.round(x) - x, 256, -0.5, 0.5)
+    single = torch.zeros(256)
+    single[179] = 4000
+    sparse = torch.where(torch.rand(256, generator=generator) < 0.1, torch.randint(1, 50, (256,), generator=generator),
+                         0).float()
+    huge = torch.randint(60_000, 70_000, (256,), generator=generator).float() * 3
+    return [c.to(device) for c in (spread, hot, single, torch.zeros(256), sparse, huge)]
+
+
+def scaled_expected(t, scale, zero_point, qmin, qmax, bins) -> torch.Tensor:
+    x = t.float() / scale + zero_point  # what the noise forward computes in torch
+    residuals = (torch.round(x) - x)[(x > qmin) & (x < qmax)]
+    return torch.histc(residuals.cpu(), bins, -0.5, 0.5).to(t.device)
 
 
 @pytest.mark.skipif(kernels.triton is None, reason="needs Triton")
@@ -58,7 +135,53 @@ def test_triton_histogram_counts_like_histc_in_the_interpreter():
     script = _INTERPRETED.format(tests=str(Path(__file__).parent))
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == [True, True]
+    lines = result.stdout.strip().splitlines()
+    assert json.loads(lines[-4]) == [True, True]
+    assert json.loads(lines[-3]) == [True] * len(scaled_cases())
+    assert json.loads(lines[-2]) == [True] * len(table_cases())
+    assert max(json.loads(lines[-1])) < 2e-6  # torch.optim.Adam's update, to float32 rounding (steps of 1e-2)
+
+
+def test_scaled_histogram_op_is_histc_on_the_cpu():
+    for case in scaled_cases():
+        torch.testing.assert_close(scaled_residual_histogram(*case), scaled_expected(*case), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_scaled_triton_histogram_counts_like_histc_on_the_gpu():
+    """Every case takes the kernel (``scaled_available``) and counts what the torch computation counts."""
+    for t, scale, zero_point, qmin, qmax, bins in scaled_cases("cuda"):
+        assert kernels.scaled_available(t, scale)
+        expected = scaled_expected(t, scale, zero_point, qmin, qmax, bins)
+        torch.testing.assert_close(scaled_residual_histogram(t, scale, zero_point, qmin, qmax, bins), expected,
+                                   rtol=0, atol=0)
+    big = torch.relu(torch.randn(32 * 256 * 56 * 56, device="cuda")) * 2.3
+    one = torch.tensor(0.29, device="cuda")
+    compiled = torch.compile(lambda t: scaled_residual_histogram(t * 1.0, one, one * 0, 0, 15), dynamic=False)
+    torch.testing.assert_close(compiled(big), scaled_expected(big, one, one * 0, 0, 15, 256), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_quantile_table_is_searchsorted_on_the_gpu():
+    for counts in table_cases("cuda"):
+        table = noise._quantile_table(counts)
+        assert table.dtype == torch.uint8
+        # integer counts sum exactly below 2^24 in any order; above, the cdf may round apart in a few slots
+        assert (table.long() != quantile_table_torch(counts).long()).sum().item() <= (
+            0 if counts.sum() < 2**24 else 4)
+
+
+def test_adam_kernel_walks_only_tensors_of_one_dense_layout():
+    weight = torch.randn(8, 4, 3, 3)
+    last = weight.contiguous(memory_format=torch.channels_last)
+    assert kernels.dense_in_one_layout((weight, torch.zeros_like(weight)))
+    assert kernels.dense_in_one_layout((last, torch.zeros_like(last)))
+    assert not kernels.dense_in_one_layout((weight, last))  # same shape, other strides
+    assert not kernels.dense_in_one_layout((weight[:, :2], weight[:, :2]))  # gaps
+    assert kernels.dense_in_one_layout((torch.tensor(1.0), torch.tensor(2.0)))
+    assert not kernels.adam_update_supported(weight, weight, weight, weight)  # CPU tensors: torch's Adam
 
 
 def test_histogram_op_is_histc_on_the_cpu():
@@ -97,3 +220,43 @@ def test_triton_histogram_in_a_cuda_graph_and_compiled():
     static.copy_(x)
     graph.replay()
     torch.testing.assert_close(counts, expected, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_adam_kernel_is_torch_adam_on_the_gpu_and_in_a_captured_unit_step():
+    """kernels.adam_update on CUDA, and UnitAdam.kernel_step replayed in a CUDA graph (state made by the eager
+    warm-up step, the learning rate changed between replays) against torch's fused Adam replayed the same way."""
+    from hdrq_lightning.quant.engine.module import UnitAdam
+
+    assert max(adam_against_torch(kernels.adam_update, wd, eps, "cuda") for wd, eps in ((0.0, 1e-8), (0.01, 1e-3))) \
+        < 2e-6
+    generator = torch.Generator().manual_seed(2)
+    shapes = [(64, 32, 3, 3), (300_001,), ()]
+    start = [torch.randn(shape, generator=generator).cuda() for shape in shapes]
+    start[0] = start[0].contiguous(memory_format=torch.channels_last)
+    runs = {}
+    for kind in ("kernel", "fused"):
+        params = [p.clone().requires_grad_(True) for p in start]
+        lr = torch.tensor(0.01, device="cuda")
+        optimizer = UnitAdam([{"params": params[:2], "lr": lr, "unit": 0, "kind": "weight", "capturable": True},
+                              {"params": params[2:], "lr": lr, "unit": 0, "kind": "activation_scale",
+                               "capturable": True}], fused=True)
+        grads = [torch.zeros_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g
+        step = optimizer.kernel_step if kind == "kernel" else optimizer.step
+        step()  # eager: creates the state
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        g = torch.Generator(device="cuda").manual_seed(3)
+        for i in range(5):
+            for grad in grads:
+                grad.copy_(torch.randn(grad.shape, generator=g, device="cuda"))
+            lr.fill_(0.01 / (i + 1))
+            graph.replay()
+        runs[kind] = [p.detach().clone() for p in params]
+        assert float(optimizer.state[params[0]]["step"]) == 6
+    for ours, theirs in zip(runs["kernel"], runs["fused"]):
+        torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=2e-6)

@@ -11,6 +11,8 @@ Importable without Triton: ``available()`` says whether the kernel can run.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -28,6 +30,21 @@ _PROGRAMS_PER_SM = 8  # the fastest of bench/histogram.py's grid (bench/results/
 def available(x: Tensor) -> bool:
     """Whether the Triton histogram counts ``x``: a float32 CUDA tensor (the kernel's arithmetic), Triton importable."""
     return triton is not None and x.is_cuda and x.dtype == torch.float32
+
+
+_SCALED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def scaled_available(t: Tensor, scale: Tensor) -> bool:
+    """Whether ``scaled_residual_histogram`` runs on ``t``: a CUDA float tensor (float32, bfloat16 or float16, read
+    as float32), Triton importable, and a step that is one scalar or one per index of ``t``'s dim 0 when dim 0 is
+    outermost in memory (a contiguous or channels-last weight quantized per output channel)."""
+    if triton is None or not t.is_cuda or t.dtype not in _SCALED_DTYPES or t.numel() == 0:
+        return False
+    if scale.numel() == 1:
+        return True
+    return (scale.numel() == t.shape[0] and scale.dim() == t.dim() and scale.shape[0] == t.shape[0]
+            and (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)))
 
 
 if triton is not None:
@@ -56,6 +73,152 @@ if triton is not None:
             counts += tl.histogram(tl.where(keep, index, BINS), 2 * BINS)
         bins = tl.arange(0, 2 * BINS)
         tl.atomic_add(counts_ptr + bins, counts, mask=bins < BINS)
+
+
+    @triton.jit
+    def _scaled_residual_histogram_kernel(t_ptr, scale_ptr, zero_ptr, counts_ptr, n, inner, qmin, qmax,
+                                          PER_ROW: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr):
+        # x = t / scale + zero_point computed here (t read once, in its own dtype); counted where qmin < x < qmax.
+        # Elements not counted go to bin 0 and are taken off bin 0 at the end: a BINS-bin tl.histogram (its cost
+        # grows with the bins) instead of a 2*BINS one with a spill bin
+        step = tl.num_programs(0) * BLOCK
+        counts = tl.zeros([BINS], dtype=tl.int32)
+        skipped = tl.zeros([BLOCK], dtype=tl.int32)
+        tensor_scale = tl.load(scale_ptr)
+        tensor_zero = tl.load(zero_ptr)
+        for start in range(tl.program_id(0) * BLOCK, n, step):
+            offsets = start + tl.arange(0, BLOCK)
+            inside = offsets < n
+            t = tl.load(t_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            # IEEE division (Triton's `/` on float32 is the approximate div.full): the x torch computes
+            if PER_ROW:
+                row = offsets // inner
+                x = (tl.math.div_rn(t, tl.load(scale_ptr + row, mask=inside, other=1.0))
+                     + tl.load(zero_ptr + row, mask=inside, other=0.0))
+            else:
+                x = tl.math.div_rn(t, tensor_scale) + tensor_zero
+            keep = inside & (x > qmin) & (x < qmax)
+            below = tl.floor(x)
+            half = below + 0.5
+            odd = (below * 0.5 - tl.floor(below * 0.5)) != 0
+            residual = tl.where((x > half) | ((x == half) & odd), below + 1.0, below) - x
+            index = tl.minimum(((residual + 0.5) * BINS).to(tl.int32), BINS - 1)
+            counts += tl.histogram(tl.where(keep, index, 0), BINS)
+            skipped += tl.where(keep, 0, 1)
+        bins = tl.arange(0, BINS)
+        counts -= tl.where(bins == 0, tl.sum(skipped, axis=0), 0)
+        tl.atomic_add(counts_ptr + bins, counts)
+
+
+    @triton.jit
+    def _quantile_table_kernel(counts_ptr, table_ptr, empty_weight, BINS: tl.constexpr, SLOTS: tl.constexpr,
+                               SLOT_BLOCK: tl.constexpr):
+        # table[s] = the bin holding quantile (s + 1/2) / SLOTS of the histogram: torch.searchsorted(cdf, q,
+        # right=True), i.e. the number of cdf values <= q, clamped to the last bin; every program recomputes the cdf
+        # (BINS values) and answers SLOT_BLOCK slots by comparing them with all of it
+        weights = tl.load(counts_ptr + tl.arange(0, BINS)).to(tl.float32) + empty_weight
+        cumulative = tl.cumsum(weights, axis=0)
+        cdf = cumulative / tl.max(cumulative, axis=0)
+        slots = tl.program_id(0) * SLOT_BLOCK + tl.arange(0, SLOT_BLOCK)
+        quantiles = (slots.to(tl.float32) + 0.5) / SLOTS
+        below = tl.sum((cdf[None, :] <= quantiles[:, None]).to(tl.int32), axis=1)
+        tl.store(table_ptr + slots, tl.minimum(below, BINS - 1).to(table_ptr.dtype.element_ty))
+
+
+    @triton.jit
+    def _adam_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr, lr_ptr, n, beta1, beta2,
+                     log2_beta1, log2_beta2, eps, weight_decay, WEIGHT_DECAY: tl.constexpr, BLOCK: tl.constexpr):
+        # torch.optim.Adam's update (amsgrad and maximize off), as its fused CUDA kernel writes it, on BLOCK elements
+        # per program: the step count (already incremented) and the learning rate are read from device memory
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        step = tl.load(step_ptr)
+        lr = tl.load(lr_ptr)
+        param = tl.load(param_ptr + offsets, mask=mask, other=0.0)
+        grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0)
+        exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0)
+        exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0)
+        if WEIGHT_DECAY:
+            grad = grad + weight_decay * param
+        exp_avg = beta1 * exp_avg + (1 - beta1) * grad
+        exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+        bias_correction1 = 1 - tl.exp2(step * log2_beta1)  # 1 - beta1^step
+        bias_correction2_sqrt = tl.sqrt(1 - tl.exp2(step * log2_beta2))
+        denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
+        param = param - (lr / bias_correction1) * exp_avg / denom
+        tl.store(param_ptr + offsets, param, mask=mask)
+        tl.store(exp_avg_ptr + offsets, exp_avg, mask=mask)
+        tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask=mask)
+
+
+def adam_update_supported(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> bool:
+    """Whether ``adam_update`` takes these: Triton importable, float32 CUDA tensors of one dense layout."""
+    tensors = (param, grad, exp_avg, exp_avg_sq)
+    return (triton is not None and all(t.is_cuda and t.dtype == torch.float32 for t in tensors)
+            and dense_in_one_layout(tensors))
+
+
+def dense_in_one_layout(tensors: tuple[Tensor, ...]) -> bool:
+    """Whether the tensors have one shape and strides and fill their memory without gaps in a standard layout
+    (contiguous or channels-last), so that their storages can be walked element by element in step."""
+    first = tensors[0]
+    dense = first.is_contiguous() or (first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last))
+    return dense and all(t.shape == first.shape and t.stride() == first.stride() for t in tensors)
+
+
+def adam_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, lr: Tensor,
+                beta1: float, beta2: float, eps: float, weight_decay: float, block: int = 1024) -> None:
+    """One Adam update of ``param`` (and its moments) in place, ``step`` (already incremented) and ``lr`` read on
+    the device, so a CUDA graph can capture it. One kernel per tensor, ``block`` elements per program: every SM
+    takes part also for a unit's few small tensors, where torch's fused multi-tensor Adam runs one block per 65,536
+    elements (17 of 132 SMs for a ResNet-50 layer3 block's weights)."""
+    n = param.numel()
+    if n == 0:
+        return
+    # the tensors share one dense layout: their storages are updated element by element, in memory order
+    flat = [t.as_strided((n,), (1,)) if not t.is_contiguous() else t.view(-1)
+            for t in (param, grad, exp_avg, exp_avg_sq)]
+    _adam_kernel[(triton.cdiv(n, block),)](*flat, step, lr, n, beta1, beta2, math.log2(beta1), math.log2(beta2),
+                                           eps, weight_decay, WEIGHT_DECAY=weight_decay != 0, BLOCK=block)
+
+
+def quantile_table(counts: Tensor, slots: int, empty_weight: float, dtype: torch.dtype,
+                   slot_block: int = 64) -> Tensor:
+    """The inverse-CDF table of the histogram ``counts`` (a power-of-two number of bins): entry ``s`` is the bin
+    holding quantile ``(s + 1/2) / slots`` of ``counts + empty_weight``, as ``dtype`` (one kernel in place of
+    cumsum, division, searchsorted and the conversion)."""
+    bins = counts.numel()
+    if bins & (bins - 1) or slots % slot_block:
+        raise ValueError(f"the Triton table needs a power-of-two bin count and slots divisible by {slot_block}")
+    table = torch.empty(slots, dtype=dtype, device=counts.device)
+    _quantile_table_kernel[(slots // slot_block,)](counts, table, empty_weight, BINS=bins, SLOTS=slots,
+                                                   SLOT_BLOCK=slot_block, num_warps=4)
+    return table
+
+
+def scaled_residual_histogram(t: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, bins: int,
+                              programs: int | None = None, block: int = _BLOCK,
+                              num_warps: int = _NUM_WARPS) -> Tensor:
+    """float32 counts of ``round(x) - x`` for ``x = t / scale + zero_point`` where ``qmin < x < qmax``, in ``bins``
+    bins over [-1/2, 1/2] (torch.histc's), reading ``t`` once; see ``scaled_available`` for what it takes."""
+    if bins & (bins - 1):
+        raise ValueError(f"the Triton histogram needs a power-of-two bin count, got {bins}")
+    per_row = scale.numel() > 1
+    if per_row and not t.is_contiguous():  # channels-last: dim 0 stays outermost, the rows stay contiguous runs
+        t = t.permute(0, *range(2, t.dim()), 1)
+    flat = t.reshape(-1)
+    n = flat.numel()
+    counts = torch.zeros(bins, dtype=torch.int32, device=t.device)
+    if n:
+        if programs is None:
+            sms = torch.cuda.get_device_properties(t.device).multi_processor_count
+            programs = max(1, min(triton.cdiv(n, block), sms * _PROGRAMS_PER_SM))
+        scale = scale.detach().reshape(-1).to(torch.float32).contiguous()
+        zero_point = zero_point.detach().reshape(-1).to(torch.float32).contiguous()
+        _scaled_residual_histogram_kernel[(programs,)](flat, scale, zero_point, counts, n, n // max(1, scale.numel()),
+                                                       float(qmin), float(qmax), PER_ROW=per_row, BINS=bins,
+                                                       BLOCK=block, num_warps=num_warps)
+    return counts.to(torch.float32)
 
 
 def residual_histogram(x: Tensor, bins: int, mask: Tensor | None, programs: int | None = None,

@@ -63,6 +63,79 @@ def residual_histogram(x: Tensor, bins: int = 256, mask: Tensor | None = None) -
     return _residual_histogram(x, bins, mask)
 
 
+@torch.library.custom_op("hdrq::scaled_residual_histogram", mutates_args=())
+def _scaled_residual_histogram(t: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                               bins: int) -> Tensor:
+    return kernels.scaled_residual_histogram(t, scale, zero_point, qmin, qmax, bins)
+
+
+@_scaled_residual_histogram.register_fake
+def _(t: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, bins: int) -> Tensor:
+    return t.new_empty(bins, dtype=torch.float32)
+
+
+@torch.no_grad()
+def scaled_residual_histogram(t: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                              bins: int = 256) -> Tensor:
+    """The counts of ``residual_histogram(x, bins, (x > qmin) & (x < qmax))`` for ``x = t / scale + zero_point``
+    (``t`` read as float32), the noise forward's histogram.
+
+    On CUDA (``kernels.scaled_available``, power-of-two ``bins``) one Triton kernel computes ``x`` and the range
+    test itself, so a compiled step never writes ``x`` and the mask out for the histogram (and a bfloat16 ``t``
+    is read in bfloat16); elsewhere ``x`` and the mask are computed in torch, as before."""
+    if kernels.scaled_available(t, scale) and bins & (bins - 1) == 0:
+        return _scaled_residual_histogram(t, scale, zero_point, qmin, qmax, bins)
+    x = t.float() / scale + zero_point
+    return residual_histogram(x, bins, (x > qmin) & (x < qmax))
+
+
+def _table_dtype(bins: int) -> torch.dtype:
+    """The smallest integer type of the quantile table's bin indices: the per-element gather reads it (a 64 KiB
+    uint8 table for 256 bins, against 512 KiB of int64: it stays in the SM's L1)."""
+    return torch.uint8 if bins <= 256 else torch.int16 if bins <= 1 << 15 else torch.int32
+
+
+def quantile_table_torch(counts: Tensor) -> Tensor:
+    """The op's torch implementation: entry ``s`` is the bin holding quantile ``(s + 1/2) / _QUANTILE_SLOTS``."""
+    bins = counts.numel()
+    cumulative = torch.cumsum(counts + _EMPTY_BIN_WEIGHT, dim=0)
+    quantiles = (torch.arange(_QUANTILE_SLOTS, device=counts.device, dtype=torch.float32) + 0.5) / _QUANTILE_SLOTS
+    table = torch.searchsorted(cumulative / cumulative[-1], quantiles, right=True).clamp_(max=bins - 1)
+    return table.to(_table_dtype(bins))
+
+
+@torch.library.custom_op("hdrq::quantile_table", mutates_args=())
+def _quantile_table(counts: Tensor) -> Tensor:
+    bins = counts.numel()
+    if kernels.triton is not None and counts.is_cuda and bins & (bins - 1) == 0:
+        return kernels.quantile_table(counts, _QUANTILE_SLOTS, _EMPTY_BIN_WEIGHT, _table_dtype(bins))
+    return quantile_table_torch(counts)
+
+
+@_quantile_table.register_fake
+def _(counts: Tensor) -> Tensor:
+    return counts.new_empty(_QUANTILE_SLOTS, dtype=_table_dtype(counts.numel()))
+
+
+@torch.no_grad()
+def sample_residual_histogram(counts: Tensor, like: Tensor) -> Tensor:
+    """One draw per element of ``like`` (same shape and dtype) from the histogram ``counts`` of rounding errors
+    over [-1/2, 1/2]: a bin in proportion to its count, uniform inside the bin (see rounding_residual_noise).
+
+    The quantile table is an opaque op (one Triton kernel on CUDA): a compiled step gathers from it as a
+    materialised one-byte table (64 KiB for 256 bins, cached near the SMs) rather than recomputing the conversion
+    of an int64 searchsorted result inside the gather."""
+    bins = counts.numel()
+    table = _quantile_table(counts)
+    # one random integer per element: its top bits pick the slot, its low 24 bits the jitter (torch.rand's
+    # float32 resolution): one random draw per element, and the table gather, not the random bits, dominates the cost
+    bits = torch.randint(_QUANTILE_SLOTS << _JITTER_BITS, (like.numel(),), device=like.device)
+    bin_index = table[bits >> _JITTER_BITS]
+    jitter = (bits & ((1 << _JITTER_BITS) - 1)).to(torch.float32) * 2.0**-_JITTER_BITS
+    noise = -0.5 + (bin_index.to(torch.float32) + jitter) * (1.0 / bins)
+    return noise.reshape(like.shape).to(like.dtype)
+
+
 @torch.no_grad()
 def rounding_residual_noise(
     x: Tensor, distribution: str = "histogram", bins: int = 256, mask: Tensor | None = None
@@ -83,14 +156,4 @@ def rounding_residual_noise(
         return torch.rand(x.shape, device=x.device, dtype=x.dtype) - 0.5
     if distribution != "histogram":
         raise ConfigError(f"Unknown noise distribution {distribution!r}; use one of {NOISE_DISTRIBUTIONS}.")
-    counts = residual_histogram(x, bins, mask)
-    cumulative = torch.cumsum(counts + _EMPTY_BIN_WEIGHT, dim=0)
-    quantiles = (torch.arange(_QUANTILE_SLOTS, device=x.device, dtype=torch.float32) + 0.5) / _QUANTILE_SLOTS
-    table = torch.searchsorted(cumulative / cumulative[-1], quantiles, right=True).clamp_(max=bins - 1)
-    # one random integer per element: its top bits pick the slot, its low 24 bits the jitter (torch.rand's
-    # float32 resolution): one random draw per element, and the table gather, not the random bits, dominates the cost
-    bits = torch.randint(_QUANTILE_SLOTS << _JITTER_BITS, (x.numel(),), device=x.device)
-    bin_index = table[bits >> _JITTER_BITS]
-    jitter = (bits & ((1 << _JITTER_BITS) - 1)).to(torch.float32) * 2.0**-_JITTER_BITS
-    noise = -0.5 + (bin_index.to(torch.float32) + jitter) * (1.0 / bins)
-    return noise.reshape(x.shape).to(x.dtype)
+    return sample_residual_histogram(residual_histogram(x, bins, mask), x)

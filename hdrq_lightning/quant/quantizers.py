@@ -13,7 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from hdrq_lightning.errors import ConfigError
-from hdrq_lightning.quant.noise import NOISE_DISTRIBUTIONS, rounding_residual_noise
+from hdrq_lightning.quant.noise import (
+    NOISE_DISTRIBUTIONS,
+    rounding_residual_noise,
+    sample_residual_histogram,
+    scaled_residual_histogram,
+)
 
 MODES: tuple[str, ...] = ("float", "nearest", "adaround", "noise")
 RANGE_SEARCHES: tuple[str, ...] = ("minmax", "mse")
@@ -93,7 +98,8 @@ def fake_quantize_nearest(t: Tensor, scale: Tensor, zero_point: Tensor, qmin: in
 
 
 def fake_quantize_noise(
-    t: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, distribution: str
+    t: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, distribution: str,
+    source: Tensor | None = None,
 ) -> Tensor:
     """HDRQ noise quantization: clipped elements pinned to the boundary, the others get detached noise.
 
@@ -103,11 +109,17 @@ def fake_quantize_noise(
     the clipped element's integer offset ``clamp(t / s + z) - z`` outside: the same values and gradients
     (d/dt = 1 in range, d/ds = e) without differentiating through ``t / s`` (whose step-gradient reduction
     compiles to a slow kernel), and the backward keeps one tensor ``e`` instead of the noise and the offsets.
+    ``source``: ``t`` in the dtype it arrived in (bfloat16 under autocast; ``t`` is its float32 copy), which the
+    histogram reads instead of ``t`` (the same values, half the bytes).
     """
     with torch.no_grad():
         x = t / scale + zero_point
         in_range = (x > qmin) & (x < qmax)
-        noise = rounding_residual_noise(x, distribution, mask=in_range)
+        if distribution == "histogram":
+            counts = scaled_residual_histogram(t if source is None else source, scale, zero_point, qmin, qmax)
+            noise = sample_residual_histogram(counts, x)
+        else:
+            noise = rounding_residual_noise(x, distribution)
         offset = torch.where(in_range, noise, torch.clamp(x, qmin, qmax) - zero_point)
     return torch.where(in_range, t, t.new_zeros(())) + scale * offset
 
@@ -451,25 +463,29 @@ class ActivationQuantizer(_Quantizer):
         # Grid arithmetic in float32 also under bf16 autocast (bf16 cannot tell 8-bit codes apart above 128).
         # on the memory-order view: the reductions over all elements read memory contiguously (and HDRQ's noise
         # is drawn per element in memory order)
-        x32 = x if x.dtype == torch.float32 else x.float()
-        flat, restore = flatten_in_memory_order(x32)
+        # (an NCHW-contiguous input, as on the eager path, is used as it is: the same order, two dispatches fewer)
+        given, restore = (x, None) if x.is_contiguous() else flatten_in_memory_order(x)
+        flat = given if given.dtype == torch.float32 else given.float()
         if self._mode == "nearest":
             quantized = fake_quantize_nearest(flat, scale, self.zero_point, self.qmin, self.qmax)
         else:
             quantized = fake_quantize_noise(
-                flat, scale, self.zero_point, self.qmin, self.qmax, self._noise_distribution
+                flat, scale, self.zero_point, self.qmin, self.qmax, self._noise_distribution, source=given
             )
         if self.training and self.drop_prob > 0:
             # QDrop: each element keeps its float value with probability drop_prob; drawn on the memory-order view
             # like the noise (one fused kernel; channels-last and NCHW runs drop different, equally likely elements)
             quantized = torch.where(self._drop_uniforms(flat) < self.drop_prob, flat, quantized)
-        restored = restore(quantized)
+        restored = quantized if restore is None else restore(quantized)
         return restored if restored.dtype == x.dtype else restored.to(x.dtype)
 
     def _drop_uniforms(self, flat: Tensor) -> Tensor:
-        """One uniform per element of the memory-order view; with ``batch_rows`` the global batch's draw (the batch
-        is the outermost dim in memory, NCHW or channels-last, so a row is a contiguous run of the view)."""
+        """One uniform per element of the memory-order view (or of a contiguous input, in the same order); with
+        ``batch_rows`` the global batch's draw (the batch is the outermost dim in memory, NCHW or channels-last, so a
+        row is a contiguous run of the view)."""
         if self.batch_rows is None:
             return torch.rand(flat.shape, device=flat.device)
         _, start, stop = self.batch_rows
+        if flat.dim() > 1 and flat.shape[0] == stop - start:  # a contiguous input: its rows are the batch's
+            return batch_uniforms(self.batch_rows, tuple(flat.shape[1:]), flat.device)
         return batch_uniforms(self.batch_rows, (flat.numel() // (stop - start),), flat.device).reshape(-1)

@@ -116,6 +116,8 @@ class Runtime:
                                       # FP32 matmuls); true: TF32 for both; false: strict FP32 for both
     bf16: bool = False                # bfloat16 autocast of the unit's convolutions (quantizers stay fp32)
     fused_optimizer: bool = True      # fused Adam on CUDA
+    adam_kernel: bool = True          # captured steps: Adam by a per-tensor Triton kernel (all SMs busy on small
+                                      # units); false: torch's fused Adam there too
     steps_per_batch: int = 1          # engine iterations per Lightning batch (amortises the loop's overhead)
     cache_device: str = "auto"        # unit caches: auto (GPU within the budget, else pinned host) | device | host
     cache_budget_gib: float | None = None  # GPU memory the caches may use; null: 60% of the free memory

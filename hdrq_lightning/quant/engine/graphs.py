@@ -43,7 +43,10 @@ class GraphMixin:
         if loss.requires_grad:
             loss.backward()
             self._sync_gradients()
-        self._optimizer.step()
+        if self.runtime.adam_kernel:
+            self._optimizer.kernel_step()
+        else:
+            self._optimizer.step()
         return loss.detach(), reconstruction.detach()
 
     def _graph_step(self, phase: Phase) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from hdrq_lightning.errors import ArtifactError, ConfigError
+from hdrq_lightning.quant import kernels
 from hdrq_lightning.quant.cache import UnitCache
 from hdrq_lightning.quant.engine.graphs import GraphMixin, _StepGraph
 from hdrq_lightning.quant.engine.phases import PhaseMixin
@@ -68,6 +69,44 @@ class UnitAdam(torch.optim.Adam):
     def step(self, closure=None):  # type: ignore[override]
         with self._only_current():
             return super().step(closure)
+
+    def kernel_step(self) -> None:
+        """The same update by ``kernels.adam_update``, one Triton kernel per tensor (what a captured step runs:
+        torch's fused Adam keeps most SMs idle on a unit's few small tensors). Groups or tensors it does not take
+        (amsgrad, maximize, a float learning rate, other dtypes or layouts) go through ``step``."""
+        with self._only_current():
+            if not all(self._kernel_group(group) for group in self.param_groups):
+                super().step()
+                return
+            updates = []
+            for group in self.param_groups:
+                for param in group["params"]:
+                    if param.grad is None:
+                        continue
+                    state = self.state[param]
+                    if not state:  # what torch's Adam creates for a fused or capturable step
+                        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+                        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    if not kernels.adam_update_supported(param, param.grad, state["exp_avg"], state["exp_avg_sq"]):
+                        super().step()
+                        return
+                    updates.append((group, param, state))
+            if not updates:
+                return
+            torch._foreach_add_([state["step"] for _, _, state in updates], 1.0)
+            for group, param, state in updates:
+                beta1, beta2 = group["betas"]
+                kernels.adam_update(param, param.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                                    group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+
+    @staticmethod
+    def _kernel_group(group: dict[str, Any]) -> bool:
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        return (isinstance(lr, torch.Tensor) and lr.is_cuda and lr.numel() == 1 and 0 < beta1 < 1 and 0 < beta2 < 1
+                and not group.get("amsgrad") and not group.get("maximize") and not group.get("differentiable")
+                and not isinstance(beta1, torch.Tensor) and not isinstance(beta2, torch.Tensor))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         with self._only_current():
