@@ -24,7 +24,10 @@ def three_block_stage_net() -> ShotNet:
     """A SHOT net on a narrow timm ResNet whose layer1 has three BasicBlocks (64 -> 16 channels, then 16 -> 16
     twice: layer1.1 and layer1.2 have the same shapes), random weights (seed 0), before BN folding."""
     torch.manual_seed(0)
-    backbone = ResNet(block=BasicBlock, layers=(3, 1, 1, 1), channels=(16, 32, 64, 128), num_classes=0)
+    # zero_init_last=False: timm zero-inits every block's last BN scale, which would make the blocks identities
+    # (their losses then cannot tell one block's weights from another's)
+    backbone = ResNet(block=BasicBlock, layers=(3, 1, 1, 1), channels=(16, 32, 64, 128), num_classes=0,
+                      zero_init_last=False)
     return ShotNet(backbone, 10, 32).eval()
 
 
