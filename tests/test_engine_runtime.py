@@ -252,3 +252,23 @@ def test_tf32_null_keeps_the_process_settings(tf32):
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == expected
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def test_mixed_input_keeps_the_cache_layout_and_the_logical_order_draw(setup):
+    """QDrop's input mixing is drawn in logical order (layout-independent) but applied in the cache's layout: with
+    channels-last caches the mixed input is channels-last (no transpose before the unit, none saved for its
+    backward) and equals, element by element, the NCHW run's."""
+    recipe = Recipe(method="qdrop", iters=4, batch_size=4)
+    batches = {}
+    for channels_last in (False, True):
+        module = _engine(setup, recipe, Runtime(channels_last=channels_last))
+        module.seek(next(p for p in module.plan if p.unit == 1).start, enter=True)  # the stem's two inputs agree
+        module._reseed(3)
+        indices = module._draw_indices()
+        inputs, _ = module._batch(module.phase.pass_name, indices, {}, module._local_slice())
+        batches[channels_last] = inputs
+    assert batches[True].is_contiguous(memory_format=torch.channels_last) and batches[False].is_contiguous()
+    assert torch.equal(batches[True], batches[False])
+    quant, fp = (module._cache.gather_device(module._cache.input_names(kind)[0], indices)
+                 for kind in ("quant_input", "fp_input"))
+    assert not torch.equal(batches[True], quant) and not torch.equal(batches[True], fp)  # really mixed

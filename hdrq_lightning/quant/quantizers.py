@@ -488,4 +488,4 @@ class ActivationQuantizer(_Quantizer):
         _, start, stop = self.batch_rows
         if flat.dim() > 1 and flat.shape[0] == stop - start:  # a contiguous input: its rows are the batch's
             return batch_uniforms(self.batch_rows, tuple(flat.shape[1:]), flat.device)
-        return batch_uniforms(self.batch_rows, (flat.numel() // (stop - start),), flat.device).reshape(-1)
+        return batch_uniforms(self.batch_rows, (flat.numel() // (stop - start),), flat.device).reshape(flat.shape)

@@ -115,6 +115,11 @@ class StepMixin:
             for i, fp_name in enumerate(cache.input_names("fp_input")):
                 mask = batch_uniforms(batch_rows, tuple(leaves[i].shape[1:]), leaves[i].device) \
                     < self.recipe.input_quant_prob
+                if mask.stride() != leaves[i].stride():
+                    # the mask in the cache's layout (channels-last), so that the mixed input is in it too: where()
+                    # takes the layout of the logical-order mask, and a channels-last unit then transposes its input
+                    # (Inductor writing the gathered rows out to do so) and saves it NCHW for the backward
+                    mask = torch.empty_like(leaves[i], dtype=torch.bool).copy_(mask)
                 leaves[i] = torch.where(mask, leaves[i], rows[fp_name])
         inputs = leaves[0] if cache.spec is None else cache.call(leaves)
         return inputs, rows["fp_target"]
