@@ -4,7 +4,9 @@
 
 The inputs look like a scaled ReLU output (half exact zeros) with a 90% in-range mask, as in the noise forward of
 a ResNet-50 layer1 block at batch 32 (6.4M and 25.7M elements). Prints ms per call (CUDA events, median of
---repeats) and checks that both count the same.
+--repeats) and checks that both count the same. Then the noise forward's kernel (``scaled_residual_histogram``: the
+scaling and range test inside, on a bfloat16 input) with its two counters: tl.histogram (used) and one-hot products
+on the tensor cores (``counter="dot"``, not yet timed: a candidate for the noise step's histogram time).
 """
 
 from __future__ import annotations
@@ -52,6 +54,16 @@ def main() -> None:
         reads = time_ms(lambda x=x, mask=mask: (x.sum(), mask.sum()), args.repeats)  # ~ the memory-read floor
         print(f"{size} elements: torch.histc path {histc:.3f} ms; reading x and mask (two sums) {reads:.3f} ms")
         sms = torch.cuda.get_device_properties(0).multi_processor_count
+        # the noise forward's kernel (x = t / s + z and the range test inside): tl.histogram vs one-hot tensor-core
+        # products, on the block's bfloat16 input (the default launch)
+        t, step, zero = (x * 0.37).bfloat16(), torch.tensor(0.37, device="cuda"), torch.tensor(0.0, device="cuda")
+        counted = {counter: kernels.scaled_residual_histogram(t, step, zero, 0, 15, 256, counter=counter)
+                   for counter in ("histogram", "dot")}
+        assert torch.equal(counted["histogram"], counted["dot"])
+        scaled = {counter: time_ms(lambda c=counter, t=t, s=step, z=zero: kernels.scaled_residual_histogram(
+            t, s, z, 0, 15, 256, counter=c), args.repeats) for counter in ("histogram", "dot")}
+        print(f"  scaled bf16 input: tl.histogram {scaled['histogram']:.3f} ms, tensor-core one-hot "
+              f"{scaled['dot']:.3f} ms")
         for config in args.configs:
             block, warps, per_sm = (int(v) for v in config.split("x"))
             programs = max(1, min(-(-size // block), sms * per_sm))

@@ -77,12 +77,17 @@ if triton is not None:
 
     @triton.jit
     def _scaled_residual_histogram_kernel(t_ptr, scale_ptr, zero_ptr, counts_ptr, n, inner, qmin, qmax,
-                                          PER_ROW: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr):
+                                          PER_ROW: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr,
+                                          DOT: tl.constexpr):
         # x = t / scale + zero_point computed here (t read once, in its own dtype); counted where qmin < x < qmax.
-        # Elements not counted go to bin 0 and are taken off bin 0 at the end: a BINS-bin tl.histogram (its cost
-        # grows with the bins) instead of a 2*BINS one with a spill bin
+        # tl.histogram: elements not counted go to bin 0 and are taken off bin 0 at the end (a BINS-bin histogram,
+        # whose cost grows with the bins, instead of a 2*BINS one with a spill bin). DOT (256 bins): the counts as
+        # a product of one-hot matrices, bin = 16 * high nibble + low nibble: onehot(high)^T @ onehot(low) on the
+        # tensor cores, the uncounted elements' rows zero (exact: 0/1 products summed in float32)
         step = tl.num_programs(0) * BLOCK
         counts = tl.zeros([BINS], dtype=tl.int32)
+        nibble_counts = tl.zeros([16, 16], dtype=tl.float32)
+        nibbles = tl.arange(0, 16)
         skipped = tl.zeros([BLOCK], dtype=tl.int32)
         tensor_scale = tl.load(scale_ptr)
         tensor_zero = tl.load(zero_ptr)
@@ -103,11 +108,19 @@ if triton is not None:
             odd = (below * 0.5 - tl.floor(below * 0.5)) != 0
             residual = tl.where((x > half) | ((x == half) & odd), below + 1.0, below) - x
             index = tl.minimum(((residual + 0.5) * BINS).to(tl.int32), BINS - 1)
-            counts += tl.histogram(tl.where(keep, index, 0), BINS)
-            skipped += tl.where(keep, 0, 1)
-        bins = tl.arange(0, BINS)
-        counts -= tl.where(bins == 0, tl.sum(skipped, axis=0), 0)
-        tl.atomic_add(counts_ptr + bins, counts)
+            if DOT:
+                high = ((index[:, None] >> 4) == nibbles[None, :]) & keep[:, None]
+                low = (index[:, None] & 15) == nibbles[None, :]
+                nibble_counts += tl.dot(tl.trans(high.to(tl.float16)), low.to(tl.float16))
+            else:
+                counts += tl.histogram(tl.where(keep, index, 0), BINS)
+                skipped += tl.where(keep, 0, 1)
+        if DOT:
+            tl.atomic_add(counts_ptr + nibbles[:, None] * 16 + nibbles[None, :], nibble_counts.to(tl.int32))
+        else:
+            bins = tl.arange(0, BINS)
+            counts -= tl.where(bins == 0, tl.sum(skipped, axis=0), 0)
+            tl.atomic_add(counts_ptr + bins, counts)
 
 
     @triton.jit
@@ -198,11 +211,15 @@ def quantile_table(counts: Tensor, slots: int, empty_weight: float, dtype: torch
 
 def scaled_residual_histogram(t: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, bins: int,
                               programs: int | None = None, block: int = _BLOCK,
-                              num_warps: int = _NUM_WARPS) -> Tensor:
+                              num_warps: int = _NUM_WARPS, counter: str = "histogram") -> Tensor:
     """float32 counts of ``round(x) - x`` for ``x = t / scale + zero_point`` where ``qmin < x < qmax``, in ``bins``
-    bins over [-1/2, 1/2] (torch.histc's), reading ``t`` once; see ``scaled_available`` for what it takes."""
+    bins over [-1/2, 1/2] (torch.histc's), reading ``t`` once; see ``scaled_available`` for what it takes.
+    ``counter``: ``"histogram"`` (tl.histogram, what the noise forward uses) or ``"dot"`` (256 bins only: one-hot
+    products on the tensor cores; equal counts, an untimed alternative for bench/histogram.py)."""
     if bins & (bins - 1):
         raise ValueError(f"the Triton histogram needs a power-of-two bin count, got {bins}")
+    if counter not in ("histogram", "dot") or (counter == "dot" and bins != 256):
+        raise ValueError(f"counter must be 'histogram' or 'dot' (256 bins only), got {counter!r} with {bins} bins")
     per_row = scale.numel() > 1
     if per_row and not t.is_contiguous():  # channels-last: dim 0 stays outermost, the rows stay contiguous runs
         t = t.permute(0, *range(2, t.dim()), 1)
@@ -217,7 +234,7 @@ def scaled_residual_histogram(t: Tensor, scale: Tensor, zero_point: Tensor, qmin
         zero_point = zero_point.detach().reshape(-1).to(torch.float32).contiguous()
         _scaled_residual_histogram_kernel[(programs,)](flat, scale, zero_point, counts, n, n // max(1, scale.numel()),
                                                        float(qmin), float(qmax), PER_ROW=per_row, BINS=bins,
-                                                       BLOCK=block, num_warps=num_warps)
+                                                       BLOCK=block, DOT=counter == "dot", num_warps=num_warps)
     return counts.to(torch.float32)
 
 
