@@ -1,12 +1,17 @@
-"""A Triton kernel for HDRQ's per-step residual histogram on CUDA devices (the torch code runs elsewhere).
+"""Triton kernels of the reconstruction engine on CUDA devices (the torch code runs elsewhere).
 
-The torch path needs its input masked into a materialised tensor, counts exact zeros apart and lets ``torch.histc``
-increment shared bins with atomics. This kernel reads the scaled tensor (and mask) once; every program counts its
-share in a private histogram (``tl.histogram``) and adds it to the global counts once, in about the time of reading
-its inputs (bench/histogram.py measures both; bench/results/histogram_h100.md). Counts are exact integers (int32
-accumulators), equal to torch.histc's.
+HDRQ's per-step residual histogram: the torch path needs its input masked into a materialised tensor, counts exact
+zeros apart and lets ``torch.histc`` increment shared bins with atomics. ``residual_histogram`` reads the scaled
+tensor (and mask) once; every program counts its share in a private histogram (``tl.histogram``) and adds it to the
+global counts once (bench/histogram.py measures both; bench/results/histogram_h100.md). ``scaled_residual_histogram``
+(what the noise forward uses) computes the scaled tensor and the range test itself from the quantizer's input.
+Counts are exact integers (int32 accumulators), equal to torch.histc's. ``quantile_table`` turns counts into the
+noise draw's inverse-CDF table in one kernel.
 
-Importable without Triton: ``available()`` says whether the kernel can run.
+``adam_update``: torch.optim.Adam's update of one tensor with the step count and learning rate on the device, for
+the captured step (``UnitAdam.kernel_step``).
+
+Importable without Triton: ``available()`` and ``scaled_available()`` say whether the histogram kernels can run.
 """
 
 from __future__ import annotations
