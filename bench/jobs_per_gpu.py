@@ -3,8 +3,13 @@
     python bench/jobs_per_gpu.py --slots 1 2 4 --jobs 4 -- --model resnet50 --method qdrop --path fast --iters 800
 
 Runs ``--jobs`` copies of ``bench/full_run.py <args>`` (a whole-model reconstruction cut to a fixed iteration
-count) for each k in ``--slots``, k processes at a time on the same GPU, and times the batch from the first start
-to the last end. One job runs first and is not counted: it fills the shared Inductor cache
+count) for each k in ``--slots`` (or ``--jobs-per-slot`` x k of them), k processes at a time on the same GPU, and
+times the batch from the first start to the last end. Real-length jobs in one 10-minute device call (about 1 min a
+job on an H200 with a warm cache, half of it steady steps):
+
+    python bench/jobs_per_gpu.py --slots 1 2 4 --jobs-per-slot 1 -- --model resnet50 --method qdrop \
+        --path fast_bf16 --iters 2000
+ One job runs first and is not counted: it fills the shared Inductor cache
 (``TORCHINDUCTOR_CACHE_DIR``), as the first job of a sweep does, so every timed job starts warm. Writes
 <out>/jobs_per_gpu_<name>.json with jobs per hour per k and the speed-up over k = 1.
 """
@@ -61,6 +66,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slots", nargs="+", type=int, default=[1, 2, 4])
     parser.add_argument("--jobs", type=int, default=4)
+    parser.add_argument("--jobs-per-slot", type=int, default=None,
+                        help="run this many times k jobs for each k (instead of --jobs for every k)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--name", default="resnet50")
     parser.add_argument("--no-warmup", action="store_true", help="skip the uncounted cache-filling job")
@@ -77,7 +84,8 @@ def main() -> None:
 
     rows = []
     for slots in args.slots:  # the file is rewritten after each k: a run cut short keeps what it measured
-        rows.append(run_batch(args.job_args, args.jobs, slots, workdir, env))
+        jobs = args.jobs if args.jobs_per_slot is None else args.jobs_per_slot * slots
+        rows.append(run_batch(args.job_args, jobs, slots, workdir, env))
         print({k: v for k, v in rows[-1].items() if k != "per_job"}, flush=True)
         for row in rows:
             row["speedup"] = round(row["jobs_per_hour"] / rows[0]["jobs_per_hour"], 2)

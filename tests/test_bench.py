@@ -96,6 +96,11 @@ def test_jobs_per_gpu_runs_k_jobs_at_a_time(tmp_path):
     result = json.loads((tmp_path / "jobs_per_gpu_resnet50.json").read_text())
     assert [(r["slots"], r["jobs"], len(r["per_job"])) for r in result["results"]] == [(1, 2, 2), (2, 2, 2)]
     assert result["results"][0]["speedup"] == 1.0
+    run_bench("jobs_per_gpu.py", "--slots", "1", "2", "--jobs-per-slot", "1", "--no-warmup", "--out", str(tmp_path),
+              "--name", "per_slot", "--", "--model", "resnet_tiny", "--method", "qdrop", "--path", "eager", "--iters",
+              "20", "--steps-per-batch", "10", *TINY)
+    result = json.loads((tmp_path / "jobs_per_gpu_per_slot.json").read_text())
+    assert [(r["slots"], r["jobs"]) for r in result["results"]] == [(1, 1), (2, 2)]
 
 
 def test_readme_tables_are_generated_from_the_result_files():
