@@ -69,7 +69,8 @@ def print_kernel_sources(prof, count: int) -> None:
             if start >= 0:
                 decorator = text.rfind("@triton", 0, start)
                 print(f"\n# {event.key}: {event.device_time_total / 1000:.3f} ms in all ({path.name})")
-                print(text[decorator if decorator >= 0 else start:])
+                end = text.find("'''", start)  # the end of the kernel's source string in Inductor's module
+                print(text[decorator if decorator >= 0 else start:end if end >= 0 else None])
                 break
 
 
