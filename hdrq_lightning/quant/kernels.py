@@ -55,6 +55,18 @@ def scaled_available(t: Tensor, scale: Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _residual_bin(x, BINS: tl.constexpr):
+        """torch.histc's bin of ``round(x) - x`` over [-1/2, 1/2] in BINS bins."""
+        # round(x) - x with torch.round's half-to-even ties; every step is exact (x - floor(x) is not, for
+        # negative x of small magnitude), and the last subtraction is torch's own
+        below = tl.floor(x)
+        half = below + 0.5
+        odd = (below * 0.5 - tl.floor(below * 0.5)) != 0
+        residual = tl.where((x > half) | ((x == half) & odd), below + 1.0, below) - x
+        # histc's bin: floor((r - min) * bins / (max - min)), the upper edge in the last bin
+        return tl.minimum(((residual + 0.5) * BINS).to(tl.int32), BINS - 1)
+
+    @triton.jit
     def _residual_histogram_kernel(x_ptr, mask_ptr, counts_ptr, n, HAS_MASK: tl.constexpr, BINS: tl.constexpr,
                                    BLOCK: tl.constexpr):
         # bins 0..BINS-1 are histc's bins of round(x) - x over [-1/2, 1/2]; uncounted elements go to bin BINS,
@@ -67,15 +79,7 @@ if triton is not None:
             x = tl.load(x_ptr + offsets, mask=keep, other=0.0).to(tl.float32)
             if HAS_MASK:
                 keep = keep & (tl.load(mask_ptr + offsets, mask=keep, other=0).to(tl.int1))
-            # round(x) - x with torch.round's half-to-even ties; every step is exact (x - floor(x) is not, for
-            # negative x of small magnitude), and the last subtraction is torch's own
-            below = tl.floor(x)
-            half = below + 0.5
-            odd = (below * 0.5 - tl.floor(below * 0.5)) != 0
-            residual = tl.where((x > half) | ((x == half) & odd), below + 1.0, below) - x
-            # histc's bin: floor((r - min) * bins / (max - min)), the upper edge in the last bin
-            index = tl.minimum(((residual + 0.5) * BINS).to(tl.int32), BINS - 1)
-            counts += tl.histogram(tl.where(keep, index, BINS), 2 * BINS)
+            counts += tl.histogram(tl.where(keep, _residual_bin(x, BINS), BINS), 2 * BINS)
         bins = tl.arange(0, 2 * BINS)
         tl.atomic_add(counts_ptr + bins, counts, mask=bins < BINS)
 
@@ -108,11 +112,7 @@ if triton is not None:
             else:
                 x = tl.math.div_rn(t, tensor_scale) + tensor_zero
             keep = inside & (x > qmin) & (x < qmax)
-            below = tl.floor(x)
-            half = below + 0.5
-            odd = (below * 0.5 - tl.floor(below * 0.5)) != 0
-            residual = tl.where((x > half) | ((x == half) & odd), below + 1.0, below) - x
-            index = tl.minimum(((residual + 0.5) * BINS).to(tl.int32), BINS - 1)
+            index = _residual_bin(x, BINS)
             if DOT:
                 high = ((index[:, None] >> 4) == nibbles[None, :]) & keep[:, None]
                 low = (index[:, None] & 15) == nibbles[None, :]

@@ -76,17 +76,20 @@ def _(t: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, bins: 
 
 @torch.no_grad()
 def scaled_residual_histogram(t: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
-                              bins: int = 256) -> Tensor:
+                              bins: int = 256, scaled: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """The counts of ``residual_histogram(x, bins, (x > qmin) & (x < qmax))`` for ``x = t / scale + zero_point``
     (``t`` read as float32), the noise forward's histogram.
 
     On CUDA (``kernels.scaled_available``, power-of-two ``bins``) one Triton kernel computes ``x`` and the range
     test itself, so a compiled step never writes ``x`` and the mask out for the histogram (and a bfloat16 ``t``
-    is read in bfloat16); elsewhere ``x`` and the mask are computed in torch, as before."""
+    is read in bfloat16); elsewhere ``x`` and the mask are computed in torch, or taken from ``scaled`` (``(x,
+    mask)``, when the caller has them already)."""
     if kernels.scaled_available(t, scale) and bins & (bins - 1) == 0:
         return _scaled_residual_histogram(t, scale, zero_point, qmin, qmax, bins)
-    x = t.float() / scale + zero_point
-    return residual_histogram(x, bins, (x > qmin) & (x < qmax))
+    if scaled is None:
+        x = t.float() / scale + zero_point
+        scaled = x, (x > qmin) & (x < qmax)
+    return residual_histogram(scaled[0], bins, scaled[1])
 
 
 def _table_dtype(bins: int) -> torch.dtype:

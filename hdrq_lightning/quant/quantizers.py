@@ -116,7 +116,8 @@ def fake_quantize_noise(
         x = t / scale + zero_point
         in_range = (x > qmin) & (x < qmax)
         if distribution == "histogram":
-            counts = scaled_residual_histogram(t if source is None else source, scale, zero_point, qmin, qmax)
+            counts = scaled_residual_histogram(t if source is None else source, scale, zero_point, qmin, qmax,
+                                               scaled=(x, in_range))
             noise = sample_residual_histogram(counts, x)
         else:
             noise = rounding_residual_noise(x, distribution)
