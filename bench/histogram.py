@@ -5,8 +5,10 @@
 The inputs look like a scaled ReLU output (half exact zeros) with a 90% in-range mask, as in the noise forward of
 a ResNet-50 layer1 block at batch 32 (6.4M and 25.7M elements). Prints ms per call (CUDA events, median of
 --repeats) and checks that both count the same. Then the noise forward's kernel (``scaled_residual_histogram``: the
-scaling and range test inside, on a bfloat16 input) with its two counters: tl.histogram (used) and one-hot products
-on the tensor cores (``counter="dot"``, not yet timed: a candidate for the noise step's histogram time).
+scaling and range test inside, on a bfloat16 input; a tensor-core counter, one-hot products in place of
+tl.histogram, timed 4.6 ms against its 0.115 ms on 6.4M elements on an H200 and was removed). First, the noise
+draw's quantile table (us per call replayed in a CUDA graph): the package's scan kernel beside the comparison
+kernel it replaced and torch's searchsorted path.
 """
 
 from __future__ import annotations
@@ -21,7 +23,74 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hdrq_lightning.quant import kernels  # noqa: E402
-from hdrq_lightning.quant.noise import residual_histogram_torch  # noqa: E402
+from hdrq_lightning.quant.noise import (  # noqa: E402
+    _EMPTY_BIN_WEIGHT,
+    _QUANTILE_SLOTS,
+    quantile_table_torch,
+    residual_histogram_torch,
+)
+
+if kernels.triton is not None:
+    import triton.language as tl
+
+    @kernels.triton.jit
+    def _compare_table_kernel(counts_ptr, table_ptr, empty_weight, BINS: tl.constexpr, SLOTS: tl.constexpr,
+                              SLOT_BLOCK: tl.constexpr):
+        # the quantile table kernel as it was before the scan (7aad4ec): every program compares its SLOT_BLOCK
+        # quantiles with all BINS cdf values
+        weights = tl.load(counts_ptr + tl.arange(0, BINS)).to(tl.float32) + empty_weight
+        cumulative = tl.cumsum(weights, axis=0)
+        cdf = cumulative / tl.max(cumulative, axis=0)
+        slots = tl.program_id(0) * SLOT_BLOCK + tl.arange(0, SLOT_BLOCK)
+        quantiles = (slots.to(tl.float32) + 0.5) / SLOTS
+        below = tl.sum((cdf[None, :] <= quantiles[:, None]).to(tl.int32), axis=1)
+        tl.store(table_ptr + slots, tl.minimum(below, BINS - 1).to(table_ptr.dtype.element_ty))
+
+
+def graph_us(fn, reps: int = 50, replays: int = 7) -> float:
+    """Microseconds per call of ``fn`` replayed ``reps`` times in one CUDA graph (no launch gaps: what a
+    captured step sees), median of ``replays`` replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / reps)
+    return statistics.median(times)
+
+
+def compare_table(counts: torch.Tensor) -> torch.Tensor:
+    table = torch.empty(_QUANTILE_SLOTS, dtype=torch.uint8, device=counts.device)
+    _compare_table_kernel[(_QUANTILE_SLOTS // 64,)](counts, table, _EMPTY_BIN_WEIGHT, BINS=counts.numel(),
+                                                    SLOTS=_QUANTILE_SLOTS, SLOT_BLOCK=64, num_warps=4)
+    return table
+
+
+def time_tables() -> None:
+    """The noise draw's quantile table from a ReLU output's 256-bin histogram: the package's kernel (a scan per
+    block of slots) at a few slot blocks, the comparison kernel it replaced and torch's searchsorted path."""
+    x = torch.relu(torch.randn(1 << 20, device="cuda")) * 7.3
+    counts = residual_histogram_torch(x, 256, x < 15)
+    reference = quantile_table_torch(counts)
+    assert torch.equal(kernels.quantile_table(counts, _QUANTILE_SLOTS, _EMPTY_BIN_WEIGHT, torch.uint8), reference)
+    times = {"torch searchsorted": graph_us(lambda: quantile_table_torch(counts)),
+             "comparison kernel (before)": graph_us(lambda: compare_table(counts))}
+    for block in (256, 1024, 4096):
+        times[f"scan kernel, {block} slots a program"] = graph_us(lambda b=block: kernels.quantile_table(
+            counts, _QUANTILE_SLOTS, _EMPTY_BIN_WEIGHT, torch.uint8, slot_block=b))
+    print("quantile table (us per call, CUDA graph): " + ", ".join(f"{name} {us:.1f}" for name, us in times.items()),
+          flush=True)
 
 
 def time_ms(fn, repeats: int) -> float:
@@ -46,30 +115,27 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench/histogram.py times a CUDA kernel: run it on a machine with a GPU.")
     print(torch.cuda.get_device_name())
+    time_tables()
     for size in args.sizes:
         x = torch.relu(torch.randn(size, device="cuda")) * 7.3
         mask = torch.rand(size, device="cuda") < 0.9
         assert torch.equal(kernels.residual_histogram(x, 256, mask), residual_histogram_torch(x, 256, mask))
         histc = time_ms(lambda x=x, mask=mask: residual_histogram_torch(x, 256, mask), args.repeats)
         reads = time_ms(lambda x=x, mask=mask: (x.sum(), mask.sum()), args.repeats)  # ~ the memory-read floor
-        print(f"{size} elements: torch.histc path {histc:.3f} ms; reading x and mask (two sums) {reads:.3f} ms")
+        print(f"{size} elements: torch.histc path {histc:.3f} ms; reading x and mask (two sums) {reads:.3f} ms",
+              flush=True)
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        # the noise forward's kernel (x = t / s + z and the range test inside): tl.histogram vs one-hot tensor-core
-        # products, on the block's bfloat16 input (the default launch)
-        t, step, zero = (x * 0.37).bfloat16(), torch.tensor(0.37, device="cuda"), torch.tensor(0.0, device="cuda")
-        counted = {counter: kernels.scaled_residual_histogram(t, step, zero, 0, 15, 256, counter=counter)
-                   for counter in ("histogram", "dot")}
-        assert torch.equal(counted["histogram"], counted["dot"])
-        scaled = {counter: time_ms(lambda c=counter, t=t, s=step, z=zero: kernels.scaled_residual_histogram(
-            t, s, z, 0, 15, 256, counter=c), args.repeats) for counter in ("histogram", "dot")}
-        print(f"  scaled bf16 input: tl.histogram {scaled['histogram']:.3f} ms, tensor-core one-hot "
-              f"{scaled['dot']:.3f} ms")
         for config in args.configs:
             block, warps, per_sm = (int(v) for v in config.split("x"))
             programs = max(1, min(-(-size // block), sms * per_sm))
             triton_ms = time_ms(lambda x=x, mask=mask, b=block, w=warps, p=programs: kernels.residual_histogram(
                 x, 256, mask, programs=p, block=b, num_warps=w), args.repeats)
-            print(f"  Triton {config}: {triton_ms:.3f} ms ({histc / triton_ms:.1f}x)")
+            print(f"  Triton {config}: {triton_ms:.3f} ms ({histc / triton_ms:.1f}x)", flush=True)
+        # the noise forward's kernel (x = t / s + z and the range test inside), on the block's bfloat16 input
+        t, step, zero = (x * 0.37).bfloat16(), torch.tensor(0.37, device="cuda"), torch.tensor(0.0, device="cuda")
+        scaled = time_ms(lambda t=t, s=step, z=zero: kernels.scaled_residual_histogram(t, s, z, 0, 15, 256),
+                         args.repeats)
+        print(f"  scaled kernel on the bf16 input: {scaled:.3f} ms", flush=True)
 
 
 if __name__ == "__main__":

@@ -86,17 +86,13 @@ if triton is not None:
 
     @triton.jit
     def _scaled_residual_histogram_kernel(t_ptr, scale_ptr, zero_ptr, counts_ptr, n, inner, qmin, qmax,
-                                          PER_ROW: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr,
-                                          DOT: tl.constexpr):
+                                          PER_ROW: tl.constexpr, BINS: tl.constexpr, BLOCK: tl.constexpr):
         # x = t / scale + zero_point computed here (t read once, in its own dtype); counted where qmin < x < qmax.
         # tl.histogram: elements not counted go to bin 0 and are taken off bin 0 at the end (a BINS-bin histogram,
-        # whose cost grows with the bins, instead of a 2*BINS one with a spill bin). DOT (256 bins): the counts as
-        # a product of one-hot matrices, bin = 16 * high nibble + low nibble: onehot(high)^T @ onehot(low) on the
-        # tensor cores, the uncounted elements' rows zero (exact: 0/1 products summed in float32)
+        # whose cost grows with the bins, instead of a 2*BINS one with a spill bin). (Counting with one-hot
+        # products on the tensor cores instead was exact but 40x slower on an H200: bench/results/README.md.)
         step = tl.num_programs(0) * BLOCK
         counts = tl.zeros([BINS], dtype=tl.int32)
-        nibble_counts = tl.zeros([16, 16], dtype=tl.float32)
-        nibbles = tl.arange(0, 16)
         skipped = tl.zeros([BLOCK], dtype=tl.int32)
         tensor_scale = tl.load(scale_ptr)
         tensor_zero = tl.load(zero_ptr)
@@ -113,34 +109,33 @@ if triton is not None:
                 x = tl.math.div_rn(t, tensor_scale) + tensor_zero
             keep = inside & (x > qmin) & (x < qmax)
             index = _residual_bin(x, BINS)
-            if DOT:
-                high = ((index[:, None] >> 4) == nibbles[None, :]) & keep[:, None]
-                low = (index[:, None] & 15) == nibbles[None, :]
-                nibble_counts += tl.dot(tl.trans(high.to(tl.float16)), low.to(tl.float16))
-            else:
-                counts += tl.histogram(tl.where(keep, index, 0), BINS)
-                skipped += tl.where(keep, 0, 1)
-        if DOT:
-            tl.atomic_add(counts_ptr + nibbles[:, None] * 16 + nibbles[None, :], nibble_counts.to(tl.int32))
-        else:
-            bins = tl.arange(0, BINS)
-            counts -= tl.where(bins == 0, tl.sum(skipped, axis=0), 0)
-            tl.atomic_add(counts_ptr + bins, counts)
+            counts += tl.histogram(tl.where(keep, index, 0), BINS)
+            skipped += tl.where(keep, 0, 1)
+        bins = tl.arange(0, BINS)
+        counts -= tl.where(bins == 0, tl.sum(skipped, axis=0), 0)
+        tl.atomic_add(counts_ptr + bins, counts)
 
 
     @triton.jit
     def _quantile_table_kernel(counts_ptr, table_ptr, empty_weight, BINS: tl.constexpr, SLOTS: tl.constexpr,
                                SLOT_BLOCK: tl.constexpr):
-        # table[s] = the bin holding quantile (s + 1/2) / SLOTS of the histogram: torch.searchsorted(cdf, q,
-        # right=True), i.e. the number of cdf values <= q, clamped to the last bin; every program recomputes the cdf
-        # (BINS values) and answers SLOT_BLOCK slots by comparing them with all of it
+        # table[s] = the bin holding quantile q_s = (s + 1/2) / SLOTS of the histogram: torch.searchsorted(cdf, q_s,
+        # right=True) = #{b : cdf[b] <= q_s}. cdf[b] <= q_s <=> s >= first[b] = ceil(cdf[b] * SLOTS - 1/2) (exact:
+        # SLOTS is a power of two below 2^23), so a block of slots [s0, s0 + SLOT_BLOCK) holds #{b : first[b] < s0}
+        # plus the running count of the first[b] that fall inside it: one BINS-long scan and one histogram per
+        # program, not a SLOT_BLOCK x BINS comparison
         weights = tl.load(counts_ptr + tl.arange(0, BINS)).to(tl.float32) + empty_weight
         cumulative = tl.cumsum(weights, axis=0)
-        cdf = cumulative / tl.max(cumulative, axis=0)
-        slots = tl.program_id(0) * SLOT_BLOCK + tl.arange(0, SLOT_BLOCK)
-        quantiles = (slots.to(tl.float32) + 0.5) / SLOTS
-        below = tl.sum((cdf[None, :] <= quantiles[:, None]).to(tl.int32), axis=1)
-        tl.store(table_ptr + slots, tl.minimum(below, BINS - 1).to(table_ptr.dtype.element_ty))
+        cdf = tl.math.div_rn(cumulative, tl.max(cumulative, axis=0))  # IEEE division, as torch's
+        first = tl.ceil(cdf * SLOTS - 0.5).to(tl.int32)
+        start = tl.program_id(0) * SLOT_BLOCK
+        below = tl.sum((first < start).to(tl.int32), axis=0)
+        local = first - start
+        # first[b] outside the block go to bin SLOT_BLOCK, in the upper half that is never stored
+        arrivals = tl.histogram(tl.where((local >= 0) & (local < SLOT_BLOCK), local, SLOT_BLOCK), 2 * SLOT_BLOCK)
+        offsets = tl.arange(0, 2 * SLOT_BLOCK)
+        table = tl.minimum(below + tl.cumsum(arrivals, axis=0), BINS - 1)
+        tl.store(table_ptr + start + offsets, table.to(table_ptr.dtype.element_ty), mask=offsets < SLOT_BLOCK)
 
 
     @triton.jit
@@ -201,13 +196,15 @@ def adam_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
 
 
 def quantile_table(counts: Tensor, slots: int, empty_weight: float, dtype: torch.dtype,
-                   slot_block: int = 64) -> Tensor:
+                   slot_block: int = 256) -> Tensor:
     """The inverse-CDF table of the histogram ``counts`` (a power-of-two number of bins): entry ``s`` is the bin
     holding quantile ``(s + 1/2) / slots`` of ``counts + empty_weight``, as ``dtype`` (one kernel in place of
     cumsum, division, searchsorted and the conversion)."""
     bins = counts.numel()
-    if bins & (bins - 1) or slots % slot_block:
-        raise ValueError(f"the Triton table needs a power-of-two bin count and slots divisible by {slot_block}")
+    slot_block = min(slot_block, slots)
+    if bins & (bins - 1) or slot_block & (slot_block - 1) or slots % slot_block:
+        raise ValueError(f"the Triton table needs power-of-two bins and slot blocks dividing the slots, got {bins} "
+                         f"bins, {slots} slots in blocks of {slot_block}")
     table = torch.empty(slots, dtype=dtype, device=counts.device)
     _quantile_table_kernel[(slots // slot_block,)](counts, table, empty_weight, BINS=bins, SLOTS=slots,
                                                    SLOT_BLOCK=slot_block, num_warps=4)
@@ -216,15 +213,11 @@ def quantile_table(counts: Tensor, slots: int, empty_weight: float, dtype: torch
 
 def scaled_residual_histogram(t: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, bins: int,
                               programs: int | None = None, block: int = _BLOCK,
-                              num_warps: int = _NUM_WARPS, counter: str = "histogram") -> Tensor:
+                              num_warps: int = _NUM_WARPS) -> Tensor:
     """float32 counts of ``round(x) - x`` for ``x = t / scale + zero_point`` where ``qmin < x < qmax``, in ``bins``
-    bins over [-1/2, 1/2] (torch.histc's), reading ``t`` once; see ``scaled_available`` for what it takes.
-    ``counter``: ``"histogram"`` (tl.histogram, what the noise forward uses) or ``"dot"`` (256 bins only: one-hot
-    products on the tensor cores; equal counts, an untimed alternative for bench/histogram.py)."""
+    bins over [-1/2, 1/2] (torch.histc's), reading ``t`` once; see ``scaled_available`` for what it takes."""
     if bins & (bins - 1):
         raise ValueError(f"the Triton histogram needs a power-of-two bin count, got {bins}")
-    if counter not in ("histogram", "dot") or (counter == "dot" and bins != 256):
-        raise ValueError(f"counter must be 'histogram' or 'dot' (256 bins only), got {counter!r} with {bins} bins")
     per_row = scale.numel() > 1
     if per_row and not t.is_contiguous():  # channels-last: dim 0 stays outermost, the rows stay contiguous runs
         t = t.permute(0, *range(2, t.dim()), 1)
@@ -239,7 +232,7 @@ def scaled_residual_histogram(t: Tensor, scale: Tensor, zero_point: Tensor, qmin
         zero_point = zero_point.detach().reshape(-1).to(torch.float32).contiguous()
         _scaled_residual_histogram_kernel[(programs,)](flat, scale, zero_point, counts, n, n // max(1, scale.numel()),
                                                        float(qmin), float(qmax), PER_ROW=per_row, BINS=bins,
-                                                       BLOCK=block, DOT=counter == "dot", num_warps=num_warps)
+                                                       BLOCK=block, num_warps=num_warps)
     return counts.to(torch.float32)
 
 
