@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 EXPERIMENT ?= digits
 PYTEST_ARGS ?=
-JOBS_PER_GPU ?= 4
+JOBS_PER_GPU ?= 2
 SWEEP ?= quant=brecq,qdrop,hdrq quant.w_bits=4,3 'quant.a_bits=$${quant.w_bits}'
 
 .DEFAULT_GOAL := help
@@ -32,7 +32,7 @@ pmq-ablation: install ## the pipeline plus E-PMQ's anchor sweep (pmq_anchor.png)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(VENV)/bin/hdrq pipeline experiment=$(EXPERIMENT) \
 	  'pipeline.pmq.anchor_sweep=[0,0.1,0.3,1,3,10,inf]'
 
-sweep: install ## quantize sweep (SWEEP='<overrides>'), JOBS_PER_GPU=4 jobs per GPU at once; needs '.[sweep]'
+sweep: install ## quantize sweep (SWEEP='<overrides>'), JOBS_PER_GPU=2 jobs per GPU at once; needs '.[sweep]'
 	@gpus=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); \
 	jobs=$$(( gpus > 0 ? gpus * $(JOBS_PER_GPU) : 1 )); \
 	echo "sweep: $$gpus GPU(s), $$jobs jobs at a time"; \

@@ -54,13 +54,20 @@ def eager_vs_official() -> str:
 
 
 def jobs_per_gpu() -> str:
-    record = _load("jobs_per_gpu_h200_resnet50.json")
-    rows = record["results"]
-    head = "| k jobs at once on one " + record["gpu"].replace("NVIDIA ", "") + " | " + \
-        " | ".join(str(r["slots"]) for r in rows) + " |"
-    cells = [f"{r['jobs_per_hour']}" + (f" (**{r['speedup']}x**)" if r["slots"] != 1 else "") for r in rows]
-    return "\n".join([head, "|" + "---|" * (len(rows) + 1), "| jobs per hour | " + " | ".join(cells) + " |",
-                      f"\n({_when(record)}; `bench/results/jobs_per_gpu_h200_resnet50.json`)"])
+    """Jobs per hour with k jobs at once on one GPU, a row per bench/jobs_per_gpu.py result file."""
+    records = [(path.name, json.loads(path.read_text())) for path in sorted(RESULTS.glob("jobs_per_gpu_*.json"))]
+    slots = sorted({r["slots"] for _, record in records for r in record["results"]})
+    lines = ["| jobs (bench/full_run.py arguments), jobs per hour with k at once | " +
+             " | ".join(f"k = {k}" for k in slots) + " | GPU | date (commit) | file |",
+             "|" + "---|" * (len(slots) + 4)]
+    for name, record in records:
+        job = " ".join(arg for arg in record["job"][1:])
+        by_slots = {r["slots"]: r for r in record["results"]}
+        cells = [("-" if k not in by_slots else f"{by_slots[k]['jobs_per_hour']}" +
+                  (f" (**{by_slots[k]['speedup']}x**)" if k != slots[0] else "")) for k in slots]
+        lines.append(f"| `{job}` | " + " | ".join(cells) +
+                     f" | {record['gpu'].replace('NVIDIA ', '')} | {_when(record)} | `{name}` |")
+    return "\n".join(lines)
 
 
 def full_runs() -> str:
