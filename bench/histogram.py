@@ -109,8 +109,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[6_422_528, 25_690_112])
     parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--configs", nargs="+", default=["2048x8x4"],
-                        help="Triton launch choices BLOCKxWARPSxPROGRAMS_PER_SM to time")
+    parser.add_argument("--configs", nargs="+", default=["2048x4x8"],
+                        help="Triton launch choices BLOCKxWARPSxPROGRAMS_PER_SM to time (both kernels)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/histogram.py times a CUDA kernel: run it on a machine with a GPU.")
@@ -131,11 +131,18 @@ def main() -> None:
             triton_ms = time_ms(lambda x=x, mask=mask, b=block, w=warps, p=programs: kernels.residual_histogram(
                 x, 256, mask, programs=p, block=b, num_warps=w), args.repeats)
             print(f"  Triton {config}: {triton_ms:.3f} ms ({histc / triton_ms:.1f}x)", flush=True)
-        # the noise forward's kernel (x = t / s + z and the range test inside), on the block's bfloat16 input
+        # the noise forward's kernel (x = t / s + z and the range test inside), on the block's bfloat16 input,
+        # at the same launch choices (the package's default: 2048x4x8)
         t, step, zero = (x * 0.37).bfloat16(), torch.tensor(0.37, device="cuda"), torch.tensor(0.0, device="cuda")
-        scaled = time_ms(lambda t=t, s=step, z=zero: kernels.scaled_residual_histogram(t, s, z, 0, 15, 256),
-                         args.repeats)
-        print(f"  scaled kernel on the bf16 input: {scaled:.3f} ms", flush=True)
+        bf16_read = time_ms(lambda t=t: t.sum(), args.repeats)
+        for config in args.configs:
+            block, warps, per_sm = (int(v) for v in config.split("x"))
+            programs = max(1, min(-(-size // block), sms * per_sm))
+            scaled = time_ms(lambda t=t, s=step, z=zero, b=block, w=warps, p=programs:
+                             kernels.scaled_residual_histogram(t, s, z, 0, 15, 256, programs=p, block=b, num_warps=w),
+                             args.repeats)
+            print(f"  scaled kernel on the bf16 input, {config}: {scaled:.3f} ms (reading it: {bf16_read:.3f} ms)",
+                  flush=True)
 
 
 if __name__ == "__main__":
