@@ -29,6 +29,7 @@ PATHS = {
              "quant.runtime.tf32=true", "quant.runtime.steps_per_batch=25"],
 }
 PATHS["fast_bf16"] = [*PATHS["fast"], "quant.runtime.bf16=true"]  # + bfloat16 autocast of the convolutions
+PATHS["fast_bf16_masks"] = [*PATHS["fast_bf16"], "quant.runtime.mask_kernel=true"]  # + QDrop's masks by a kernel
 
 
 def run_path(name: str, overrides: list[str], sweep: list[str], experiment_runs: Path, work: Path) -> dict:

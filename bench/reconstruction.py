@@ -61,6 +61,9 @@ PATHS = {
     "fast": Runtime(compile=True, cuda_graphs=True, channels_last=True, tf32=True, fused_optimizer=True),
     "fast_bf16": Runtime(compile=True, cuda_graphs=True, channels_last=True, tf32=True, bf16=True,
                          fused_optimizer=True),
+    # + QDrop's masks by kernels.keep_mask (four elements per Philox call; other draws)
+    "fast_bf16_masks": Runtime(compile=True, cuda_graphs=True, channels_last=True, tf32=True, bf16=True,
+                               fused_optimizer=True, mask_kernel=True),
 }
 
 

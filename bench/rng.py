@@ -10,7 +10,9 @@ ResNet-50 layer3 block input (32 x 1024 x 14 x 14, bfloat16, channels-last):
 
 - the activation quantizer's forward with no drop, with QDrop's drop drawn by Philox, and by the hash;
 - HDRQ's noise forward as the package runs it (Philox ``randint``) and with the hash's bits;
-- the bare draw (a materialised uint8 mask of ``u < 0.5``) by each generator.
+- the bare draw (a materialised uint8 mask of ``u < 0.5``) by each generator;
+- the drop and the bare mask by ``kernels.keep_mask`` (``quant.runtime.mask_kernel``: one Philox call for four
+  elements, an opaque op).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.noise_sampling import graph_time_us  # noqa: E402
 from bench.provenance import write_result  # noqa: E402
 from hdrq_lightning.quant import noise  # noqa: E402
-from hdrq_lightning.quant.quantizers import fake_quantize_nearest, fake_quantize_noise  # noqa: E402
+from hdrq_lightning.quant.quantizers import fake_quantize_nearest, fake_quantize_noise, keep_mask  # noqa: E402
 
 _MASK32 = 0xFFFFFFFF
 
@@ -91,6 +93,11 @@ def main() -> None:
         x = flat(t)
         return torch.where(hash_uniform(x.numel(), x.device) < 0.5, x, fake_quantize_nearest(x, scale, zero, 0, 15))
 
+    def drop_kernel(t):
+        x = flat(t)
+        return torch.where(keep_mask(tuple(x.shape), 0.5, x.device, kernel=True), x,
+                           fake_quantize_nearest(x, scale, zero, 0, 15))
+
     def noise_philox(t):
         return fake_quantize_noise(flat(t), scale, zero, 0, 15, "histogram", source=t.permute(0, 2, 3, 1).reshape(-1))
 
@@ -108,9 +115,13 @@ def main() -> None:
     def mask_hash(t):
         return (hash_uniform(t.numel(), t.device) < 0.5).to(torch.uint8)
 
+    def mask_kernel(t):
+        return keep_mask((t.numel(),), 0.5, t.device, kernel=True)
+
     variants = {"fake-quant, no drop": fq, "fake-quant, drop by philox": drop_philox,
-                "fake-quant, drop by hash": drop_hash, "noise, philox (package)": noise_philox,
-                "noise, hash": noise_hash, "mask only, philox": mask_philox, "mask only, hash": mask_hash}
+                "fake-quant, drop by hash": drop_hash, "fake-quant, drop by keep_mask kernel": drop_kernel,
+                "noise, philox (package)": noise_philox, "noise, hash": noise_hash, "mask only, philox": mask_philox,
+                "mask only, hash": mask_hash, "mask only, keep_mask kernel": mask_kernel}
     rows = []
     for name, fn in variants.items():
         us = graph_time_us(fn, block, args.reps, args.replays)

@@ -143,6 +143,29 @@ def test_graph_replays_draw_the_eager_random_numbers():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mask_kernel_draws_the_same_masks_eager_captured_and_compiled(monkeypatch):
+    """quant.runtime.mask_kernel (QDrop's masks by kernels.keep_mask) with every learning rate 0, so a loss differs
+    only if a draw does: the flag changes the draws (it reaches the engine's step), replays of the captured step
+    reproduce the eager step's, and so does Inductor with its random ops falling back to torch's (the kernel's
+    seed then is the eager one; HDRQ's noise included)."""
+    recipe = dataclasses.replace(hdrq_recipe(noise=True, iters=16),
+                                 weight=WeightRecipe(rounding="latent", symmetric=True, learn_scale=True, lr=0.0,
+                                                     scale_lr=0.0),
+                                 activation=ActivationRecipe(lr=0.0))
+    eager = Runtime(mask_kernel=True)
+    _, torch_masks = drive(recipe, Runtime(), "cuda", 6)
+    _, kernel_masks = drive(recipe, eager, "cuda", 6)
+    assert kernel_masks != pytest.approx(torch_masks, rel=1e-4)
+    compare(recipe, Runtime(cuda_graphs=True, graph_warmup=1, mask_kernel=True), "cuda", steps=12, tolerance=1e-6,
+            state_atol=0.0, reference=eager)
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    torch._dynamo.reset()  # no graph compiled by an earlier test without the fallback
+    compare(recipe, Runtime(compile=True, compile_ahead=False, cuda_graphs=True, mask_kernel=True), "cuda",
+            steps=12, tolerance=1e-3, state_atol=1e-4, reference=eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_host_resident_cache_in_graphs_matches_device_cache():
     """Rows gathered on the host and copied into the graph's static inputs give the device-cache run."""
     recipe = Recipe(method="qdrop", iters=8, batch_size=8)

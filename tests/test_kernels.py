@@ -43,7 +43,8 @@ def histc_counts(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 _INTERPRETED = """
 import json, sys, torch
 sys.path.insert(0, {tests!r})
-from test_kernels import adam_against_torch, adversarial, histc_counts, scaled_cases, scaled_expected, table_cases
+from test_kernels import (adam_against_torch, adversarial, histc_counts, mask_checks, scaled_cases, scaled_expected,
+                          table_cases)
 from hdrq_lightning.quant import kernels
 from hdrq_lightning.quant.noise import quantile_table_torch, _QUANTILE_SLOTS, _EMPTY_BIN_WEIGHT
 x, mask = adversarial()
@@ -53,8 +54,35 @@ print(json.dumps([bool(torch.equal(kernels.scaled_residual_histogram(*case, prog
                   for case in scaled_cases()]))
 print(json.dumps([bool(torch.equal(kernels.quantile_table(c, _QUANTILE_SLOTS, _EMPTY_BIN_WEIGHT, torch.uint8),
                                    quantile_table_torch(c))) for c in table_cases()]))
+print(json.dumps(mask_checks(kernels.keep_mask, "cpu")))
 print(json.dumps([adam_against_torch(kernels.adam_update, wd, eps) for wd, eps in ((0.0, 1e-8), (0.01, 1e-3))]))
 """
+
+
+def mask_checks(keep_mask, device: str) -> dict[str, bool]:
+    """Properties of ``keep_mask(seed, n, prob)`` (kernels.keep_mask's signature) on a ragged length over four
+    programs: the fraction kept is ``prob`` (within 5 sigma), also in each quarter of a program (each from its own
+    Philox word), 0 and 1 keep none and all, one seed draws the same mask twice, neighbours and elements a quarter
+    apart (the same Philox call) are uncorrelated, and another seed draws another mask."""
+    n = 3 * 4096 + 123
+    bound = 5 / n**0.5
+
+    def draw(seed: int, prob: float) -> torch.Tensor:
+        mask = keep_mask(torch.tensor([seed], device=device), n, prob)
+        assert mask.dtype == torch.bool and mask.shape == (n,)
+        return mask.float().cpu()
+
+    half, third = draw(7, 0.5), draw(8, 0.3)
+    centred = half - 0.5
+    quarters = half[:4096].view(4, 1024).mean(dim=1)
+    return {
+        "fraction": abs(half.mean().item() - 0.5) < bound and abs(third.mean().item() - 0.3) < bound,
+        "quarters": bool(((quarters - 0.5).abs() < 5 * 0.5 / 1024**0.5).all()),
+        "none and all": not draw(7, 0.0).any() and bool(draw(7, 1.0).all()),
+        "same seed, same mask": torch.equal(half, draw(7, 0.5)),
+        "uncorrelated": all(abs(4 * (centred[:-lag] * centred[lag:]).mean().item()) < bound for lag in (1, 1024)),
+        "other seed, other mask": abs((half == draw(9, 0.5)).float().mean().item() - 0.5) < bound,
+    }
 
 
 def adam_against_torch(update, weight_decay: float, eps: float, device: str = "cpu", steps: int = 7) -> float:
@@ -130,15 +158,17 @@ def scaled_expected(t, scale, zero_point, qmin, qmax, bins) -> torch.Tensor:
 
 @pytest.mark.skipif(kernels.triton is None, reason="needs Triton")
 def test_triton_histogram_counts_like_histc_in_the_interpreter():
-    """The kernel's logic on the CPU (TRITON_INTERPRET=1): 5 blocks over 3 programs, masked and not."""
+    """The kernels' logic on the CPU (TRITON_INTERPRET=1): the histograms (5 blocks over 3 programs, masked and
+    not), the quantile table, QDrop's keep mask and Adam."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     script = _INTERPRETED.format(tests=str(Path(__file__).parent))
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
-    assert json.loads(lines[-4]) == [True, True]
-    assert json.loads(lines[-3]) == [True] * len(scaled_cases())
-    assert json.loads(lines[-2]) == [True] * len(table_cases())
+    assert json.loads(lines[-5]) == [True, True]
+    assert json.loads(lines[-4]) == [True] * len(scaled_cases())
+    assert json.loads(lines[-3]) == [True] * len(table_cases())
+    assert all(json.loads(lines[-2]).values()), lines[-2]
     assert max(json.loads(lines[-1])) < 2e-6  # torch.optim.Adam's update, to float32 rounding (steps of 1e-2)
 
 
@@ -260,3 +290,32 @@ def test_adam_kernel_is_torch_adam_on_the_gpu_and_in_a_captured_unit_step():
         assert float(optimizer.state[params[0]]["step"]) == 6
     for ours, theirs in zip(runs["kernel"], runs["fused"]):
         torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_keep_mask_kernel_on_the_gpu_compiled_and_captured():
+    """kernels.keep_mask's properties on the GPU (mask_checks), and the op inside a compiled function captured in a
+    CUDA graph: each replay draws a new mask (the seed is drawn inside the graph), each keeping about half."""
+    from hdrq_lightning.quant.quantizers import keep_mask
+
+    assert all(mask_checks(kernels.keep_mask, "cuda").values())
+    device = torch.device("cuda")
+    x = torch.ones(64, 1000, device=device)
+    compiled = torch.compile(lambda t: torch.where(keep_mask(tuple(t.shape), 0.5, device, kernel=True), t, 0.0),
+                             dynamic=False)
+    assert abs(compiled(x).mean().item() - 0.5) < 0.02
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        compiled(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = compiled(x)
+    replays = []
+    for _ in range(2):
+        graph.replay()
+        replays.append(out.clone())
+    assert all(abs(r.mean().item() - 0.5) < 0.02 for r in replays)
+    assert not torch.equal(replays[0], replays[1])

@@ -12,9 +12,11 @@ from hdrq_lightning.quant.noise import residual_histogram, rounding_residual_noi
 from hdrq_lightning.quant.quantizers import (
     ActivationQuantizer,
     WeightQuantizer,
+    batch_keep_mask,
     batch_uniforms,
     fake_quantize_noise,
     flatten_in_memory_order,
+    keep_mask,
     round_straight_through,
     scale_gradient,
 )
@@ -481,3 +483,18 @@ def test_drop_of_batch_slices_is_the_drop_of_the_whole_batch() -> None:
         torch.manual_seed(5)
         slices.append(batch_uniforms(rows, (2, 3), torch.device("cpu")))
     assert torch.equal(torch.cat(slices), expected)
+
+
+def test_keep_masks_without_the_kernel_are_the_torch_rand_draws():
+    """Off CUDA (and with quant.runtime.mask_kernel off) QDrop's masks are ``torch.rand(...) < p`` as before, rows
+    of the global batch sliced as batch_uniforms slices them: asking for the kernel on the CPU changes nothing."""
+    cpu = torch.device("cpu")
+    for kernel in (False, True):
+        torch.manual_seed(3)
+        got = keep_mask((4, 5), 0.3, cpu, kernel)
+        torch.manual_seed(3)
+        assert torch.equal(got, torch.rand(4, 5) < 0.3)
+        torch.manual_seed(4)
+        got = batch_keep_mask((8, 2, 6), (3,), cpu, 0.5, kernel)
+        torch.manual_seed(4)
+        assert torch.equal(got, batch_uniforms((8, 2, 6), (3,), cpu) < 0.5)

@@ -9,7 +9,8 @@ Counts are exact integers (int32 accumulators), equal to torch.histc's. ``quanti
 noise draw's inverse-CDF table in one kernel.
 
 ``adam_update``: torch.optim.Adam's update of one tensor with the step count and learning rate on the device, for
-the captured step (``UnitAdam.kernel_step``).
+the captured step (``UnitAdam.kernel_step``). ``keep_mask``: QDrop's Bernoulli masks with four elements per Philox
+call (``quant.runtime.mask_kernel``).
 
 Importable without Triton: ``available()`` and ``scaled_available()`` say whether the histogram kernels can run.
 """
@@ -139,6 +140,22 @@ if triton is not None:
 
 
     @triton.jit
+    def _keep_mask_kernel(seed_ptr, out_ptr, n, threshold, BLOCK: tl.constexpr):
+        # out[i] = (32 random bits < threshold), threshold = round(prob * 2^32): Bernoulli(prob) to 2^-32. One
+        # Philox-4x32-10 call gives four words (Inductor's tl.rand spends a call per element and keeps one):
+        # word k of counter (program * BLOCK/4 + j) decides element program * BLOCK + k * BLOCK/4 + j
+        QUARTER: tl.constexpr = BLOCK // 4
+        seed = tl.load(seed_ptr)
+        j = tl.arange(0, QUARTER)
+        w0, w1, w2, w3 = tl.randint4x(seed, (tl.program_id(0) * QUARTER + j).to(tl.uint32))
+        first = tl.program_id(0) * BLOCK + j
+        tl.store(out_ptr + first, w0.to(tl.int64) < threshold, mask=first < n)
+        tl.store(out_ptr + first + QUARTER, w1.to(tl.int64) < threshold, mask=first + QUARTER < n)
+        tl.store(out_ptr + first + 2 * QUARTER, w2.to(tl.int64) < threshold, mask=first + 2 * QUARTER < n)
+        tl.store(out_ptr + first + 3 * QUARTER, w3.to(tl.int64) < threshold, mask=first + 3 * QUARTER < n)
+
+
+    @triton.jit
     def _adam_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr, lr_ptr, n, beta1, beta2,
                      log2_beta1, log2_beta2, eps, weight_decay, WEIGHT_DECAY: tl.constexpr, BLOCK: tl.constexpr):
         # torch.optim.Adam's update (amsgrad and maximize off), as its fused CUDA kernel writes it, on BLOCK elements
@@ -193,6 +210,25 @@ def adam_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
             for t in (param, grad, exp_avg, exp_avg_sq)]
     _adam_kernel[(triton.cdiv(n, block),)](*flat, step, lr, n, beta1, beta2, math.log2(beta1), math.log2(beta2),
                                            eps, weight_decay, WEIGHT_DECAY=weight_decay != 0, BLOCK=block)
+
+
+_MASK_BLOCK = 4096
+
+
+def keep_mask(seed: Tensor, n: int, prob: float) -> Tensor:
+    """``n`` independent Bernoulli(``prob``) booleans from the Philox stream keyed by ``seed`` (a one-element int64
+    CUDA tensor, read on the device so that a captured graph's replays draw anew when the seed is drawn inside the
+    graph): the same distribution as ``torch.rand(n) < prob``, other draws, a quarter of the Philox calls and
+    one byte written per element."""
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"keep_mask needs a probability in [0, 1], got {prob}")
+    if n >= 1 << 34:
+        raise ValueError(f"keep_mask draws at most 2^34 elements (32-bit Philox counters), got {n}")
+    out = torch.empty(n, dtype=torch.bool, device=seed.device)
+    if n:
+        threshold = min(round(prob * 2.0**32), 1 << 32)
+        _keep_mask_kernel[(triton.cdiv(n, _MASK_BLOCK),)](seed, out, n, threshold, BLOCK=_MASK_BLOCK)
+    return out
 
 
 def quantile_table(counts: Tensor, slots: int, empty_weight: float, dtype: torch.dtype,

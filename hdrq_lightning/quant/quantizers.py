@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from hdrq_lightning.errors import ConfigError
+from hdrq_lightning.quant import kernels
 from hdrq_lightning.quant.noise import (
     NOISE_DISTRIBUTIONS,
     rounding_residual_noise,
@@ -70,6 +71,37 @@ def batch_uniforms(rows: tuple[int, int, int], row_shape: tuple[int, ...], devic
     total, start, stop = rows
     draws = torch.rand((total, *row_shape), device=device)
     return draws if start == 0 and stop == total else draws[start:stop]
+
+
+@torch.library.custom_op("hdrq::keep_mask", mutates_args=())
+def _keep_mask(seed: Tensor, numel: int, prob: float) -> Tensor:
+    return kernels.keep_mask(seed, numel, prob)
+
+
+@_keep_mask.register_fake
+def _(seed: Tensor, numel: int, prob: float) -> Tensor:
+    return seed.new_empty(numel, dtype=torch.bool)
+
+
+def keep_mask(shape: tuple[int, ...], prob: float, device: torch.device, kernel: bool = False) -> Tensor:
+    """Booleans of ``shape``, each true with probability ``prob``: ``torch.rand(shape) < prob``, or with ``kernel``
+    on CUDA (``quant.runtime.mask_kernel``) one Triton kernel drawing four elements per Philox call and writing one
+    byte each (kernels.keep_mask; its seed drawn from torch's generator, so torch.manual_seed and CUDA-graph replays
+    govern it as any draw). Same distribution, other draws."""
+    if not (kernel and kernels.triton is not None and device.type == "cuda"):
+        return torch.rand(shape, device=device) < prob
+    seed = torch.randint(1 << 62, (1,), device=device)
+    return _keep_mask(seed, math.prod(shape), float(prob)).view(shape)
+
+
+def batch_keep_mask(rows: tuple[int, int, int], row_shape: tuple[int, ...], device: torch.device, prob: float,
+                    kernel: bool = False) -> Tensor:
+    """``keep_mask`` for rows ``start:stop`` of a global batch (see ``batch_uniforms``): the global batch's mask
+    sliced, so data-parallel ranks draw together what one device draws. Without ``kernel``: exactly
+    ``batch_uniforms(rows, row_shape, device) < prob``."""
+    total, start, stop = rows
+    mask = keep_mask((total, *row_shape), prob, device, kernel)
+    return mask if start == 0 and stop == total else mask[start:stop]
 
 
 def flatten_in_memory_order(t: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
@@ -424,15 +456,17 @@ class ActivationQuantizer(_Quantizer):
         self.learn_scale = learn_scale
         self.drop_prob: float = 0.0
         self.batch_rows: tuple[int, int, int] | None = None  # (global batch, first row, end row) of the input
+        self.mask_kernel = False  # drop masks by kernels.keep_mask on CUDA (quant.runtime.mask_kernel)
         self.register_buffer("signed", torch.tensor(False))
         self.qmin, self.qmax = integer_range(bits, signed=False)
         self._register_step(learn_scale)
 
-    def set_drop(self, prob: float, batch_rows: tuple[int, int, int] | None = None) -> None:
+    def set_drop(self, prob: float, batch_rows: tuple[int, int, int] | None = None, kernel: bool = False) -> None:
         """QDrop's in-block drop: each element keeps its float value with probability ``prob`` (0: off). The drop
         acts in training mode, which this sets too (the model around it may stay in eval mode, as under a
-        Trainer); ``batch_rows``: see ``batch_uniforms``."""
+        Trainer); ``batch_rows``: see ``batch_uniforms``; ``kernel``: see ``keep_mask``."""
         self.drop_prob, self.batch_rows = prob, batch_rows if prob > 0 else None
+        self.mask_kernel = kernel
         self.train(prob > 0)
 
     def set_range(self, scale: Tensor, zero_point: Tensor, signed: bool) -> None:
@@ -476,17 +510,19 @@ class ActivationQuantizer(_Quantizer):
         if self.training and self.drop_prob > 0:
             # QDrop: each element keeps its float value with probability drop_prob; drawn on the memory-order view
             # like the noise (one fused kernel; channels-last and NCHW runs drop different, equally likely elements)
-            quantized = torch.where(self._drop_uniforms(flat) < self.drop_prob, flat, quantized)
+            quantized = torch.where(self._drop_mask(flat), flat, quantized)
         restored = quantized if restore is None else restore(quantized)
         return restored if restored.dtype == x.dtype else restored.to(x.dtype)
 
-    def _drop_uniforms(self, flat: Tensor) -> Tensor:
-        """One uniform per element of the memory-order view (or of a contiguous input, in the same order); with
-        ``batch_rows`` the global batch's draw (the batch is the outermost dim in memory, NCHW or channels-last, so a
-        row is a contiguous run of the view)."""
+    def _drop_mask(self, flat: Tensor) -> Tensor:
+        """Where each element of the memory-order view (or of a contiguous input, in the same order) keeps its float
+        value: one draw per element; with ``batch_rows`` the global batch's draw (the batch is the outermost dim in
+        memory, NCHW or channels-last, so a row is a contiguous run of the view)."""
         if self.batch_rows is None:
-            return torch.rand(flat.shape, device=flat.device)
+            return keep_mask(tuple(flat.shape), self.drop_prob, flat.device, self.mask_kernel)
         _, start, stop = self.batch_rows
         if flat.dim() > 1 and flat.shape[0] == stop - start:  # a contiguous input: its rows are the batch's
-            return batch_uniforms(self.batch_rows, tuple(flat.shape[1:]), flat.device)
-        return batch_uniforms(self.batch_rows, (flat.numel() // (stop - start),), flat.device).reshape(flat.shape)
+            return batch_keep_mask(self.batch_rows, tuple(flat.shape[1:]), flat.device, self.drop_prob,
+                                   self.mask_kernel)
+        return batch_keep_mask(self.batch_rows, (flat.numel() // (stop - start),), flat.device, self.drop_prob,
+                               self.mask_kernel).reshape(flat.shape)

@@ -75,7 +75,8 @@ class PhaseMixin:
             for quantizer in quantizers:
                 quantizer.set_mode("nearest")
                 # the quantizers train, the models stay in eval mode (a dropout layer of the head must not drop)
-                quantizer.set_drop(recipe.drop_prob, (recipe.batch_size, local.start, local.stop))
+                quantizer.set_drop(recipe.drop_prob, (recipe.batch_size, local.start, local.stop),
+                                   kernel=self.runtime.mask_kernel)
         if trains_weights(phase.pass_name):
             for _, layer in self.unit_layers[phase.unit]:
                 layer.weight_quantizer.set_mode(self.rounding.training_mode)

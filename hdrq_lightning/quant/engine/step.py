@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hdrq_lightning.quant.engine.plan import Phase, trains_activations, trains_weights
-from hdrq_lightning.quant.quantizers import batch_uniforms
+from hdrq_lightning.quant.quantizers import batch_keep_mask
 
 
 class StepMixin:
@@ -113,8 +113,8 @@ class StepMixin:
             # drawn for the global batch in logical order: layout- and world-size-independent
             batch_rows = (self.recipe.batch_size, local.start, local.stop)
             for i, fp_name in enumerate(cache.input_names("fp_input")):
-                mask = batch_uniforms(batch_rows, tuple(leaves[i].shape[1:]), leaves[i].device) \
-                    < self.recipe.input_quant_prob
+                mask = batch_keep_mask(batch_rows, tuple(leaves[i].shape[1:]), leaves[i].device,
+                                       self.recipe.input_quant_prob, self.runtime.mask_kernel)
                 if mask.stride() != leaves[i].stride():
                     # the mask in the cache's layout (channels-last), so that the mixed input is in it too: where()
                     # takes the layout of the logical-order mask, and a channels-last unit then transposes its input
