@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.noise_sampling import captured_us  # noqa: E402
 from hdrq_lightning.quant import kernels  # noqa: E402
 from hdrq_lightning.quant.noise import (  # noqa: E402
     _EMPTY_BIN_WEIGHT,
@@ -47,29 +48,6 @@ if kernels.triton is not None:
         tl.store(table_ptr + slots, tl.minimum(below, BINS - 1).to(table_ptr.dtype.element_ty))
 
 
-def graph_us(fn, reps: int = 50, replays: int = 7) -> float:
-    """Microseconds per call of ``fn`` replayed ``reps`` times in one CUDA graph (no launch gaps: what a
-    captured step sees), median of ``replays`` replays."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / reps)
-    return statistics.median(times)
-
-
 def compare_table(counts: torch.Tensor) -> torch.Tensor:
     table = torch.empty(_QUANTILE_SLOTS, dtype=torch.uint8, device=counts.device)
     _compare_table_kernel[(_QUANTILE_SLOTS // 64,)](counts, table, _EMPTY_BIN_WEIGHT, BINS=counts.numel(),
@@ -84,11 +62,11 @@ def time_tables() -> None:
     counts = residual_histogram_torch(x, 256, x < 15)
     reference = quantile_table_torch(counts)
     assert torch.equal(kernels.quantile_table(counts, _QUANTILE_SLOTS, _EMPTY_BIN_WEIGHT, torch.uint8), reference)
-    times = {"torch searchsorted": graph_us(lambda: quantile_table_torch(counts)),
-             "comparison kernel (before)": graph_us(lambda: compare_table(counts))}
+    times = {"torch searchsorted": captured_us(lambda: quantile_table_torch(counts), 50, 7),
+             "comparison kernel (before)": captured_us(lambda: compare_table(counts), 50, 7)}
     for block in (256, 1024, 4096):
-        times[f"scan kernel, {block} slots a program"] = graph_us(lambda b=block: kernels.quantile_table(
-            counts, _QUANTILE_SLOTS, _EMPTY_BIN_WEIGHT, torch.uint8, slot_block=b))
+        times[f"scan kernel, {block} slots a program"] = captured_us(lambda b=block: kernels.quantile_table(
+            counts, _QUANTILE_SLOTS, _EMPTY_BIN_WEIGHT, torch.uint8, slot_block=b), 50, 7)
     print("quantile table (us per call, CUDA graph): " + ", ".join(f"{name} {us:.1f}" for name, us in times.items()),
           flush=True)
 

@@ -91,19 +91,19 @@ def variants(tensor: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin
             "table op only": one_byte_table, "noise after (package)": after}
 
 
-def graph_time_us(fn, t: torch.Tensor, reps: int, replays: int) -> float:
-    compiled = torch.compile(fn, dynamic=False)
-    with torch.no_grad():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                compiled(t)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                compiled(t)
+def captured_us(fn, reps: int, replays: int) -> float:
+    """Microseconds per call of ``fn()`` captured ``reps`` times in one CUDA graph (no launch gaps: what a
+    captured step sees), median of ``replays`` replays; three warm-up calls on a side stream first."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -113,6 +113,13 @@ def graph_time_us(fn, t: torch.Tensor, reps: int, replays: int) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) * 1000 / reps)
     return statistics.median(times)
+
+
+def graph_time_us(fn, t: torch.Tensor, reps: int, replays: int) -> float:
+    """``captured_us`` of ``fn(t)`` compiled (torch.compile, static shapes), without autograd."""
+    compiled = torch.compile(fn, dynamic=False)
+    with torch.no_grad():
+        return captured_us(lambda: compiled(t), reps, replays)
 
 
 def main() -> None:
