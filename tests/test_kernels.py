@@ -43,8 +43,8 @@ def histc_counts(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 _INTERPRETED = """
 import json, sys, torch
 sys.path.insert(0, {tests!r})
-from test_kernels import (adam_against_torch, adversarial, histc_counts, mask_checks, scaled_cases, scaled_expected,
-                          table_cases)
+from test_kernels import (adam_against_torch, adversarial, histc_counts, mask_checks, mix_checks, op_checks,
+                          scaled_cases, scaled_expected, table_cases)
 from hdrq_lightning.quant import kernels
 from hdrq_lightning.quant.noise import quantile_table_torch, _QUANTILE_SLOTS, _EMPTY_BIN_WEIGHT
 x, mask = adversarial()
@@ -54,9 +54,52 @@ print(json.dumps([bool(torch.equal(kernels.scaled_residual_histogram(*case, prog
                   for case in scaled_cases()]))
 print(json.dumps([bool(torch.equal(kernels.quantile_table(c, _QUANTILE_SLOTS, _EMPTY_BIN_WEIGHT, torch.uint8),
                                    quantile_table_torch(c))) for c in table_cases()]))
-print(json.dumps(mask_checks(kernels.keep_mask, "cpu")))
+print(json.dumps({{**mask_checks(kernels.keep_mask, "cpu"), **mix_checks(kernels.mix_rows, "cpu"),
+                  "opcheck": op_checks()}}))
 print(json.dumps([adam_against_torch(kernels.adam_update, wd, eps) for wd, eps in ((0.0, 1e-8), (0.01, 1e-3))]))
 """
+
+
+def op_checks() -> bool:
+    """torch.library.opcheck of the mask ops (schema, fake tensors' shapes and strides against the real result,
+    AOT dispatch with dynamic shapes): what torch.compile relies on."""
+    from hdrq_lightning.quant import quantizers
+
+    quant = torch.randn(5, 3, 4, 6).contiguous(memory_format=torch.channels_last)
+    seed = torch.tensor([3])
+    results = [torch.library.opcheck(quantizers._mix_rows, (quant, torch.randn_like(quant), torch.tensor([4, 0, 2]),
+                                                            seed, 1, 0.5)),
+               torch.library.opcheck(quantizers._keep_mask, (seed, 1000, 0.3))]
+    return all(outcome == "SUCCESS" for result in results for outcome in result.values())
+
+
+def mix_checks(mix_rows, device: str) -> dict[str, bool]:
+    """Properties of ``mix_rows(quant, fp, index, seed, first_row, prob)`` (kernels.mix_rows): every element is its
+    source row's quantized or float value, in the sources' channels-last layout; the kept fraction is ``prob``
+    (rows over several 4096-element chunks, the last ragged); rows 3:6 of a batch drawn with ``first_row=3`` are
+    those rows of the whole batch's draw (data-parallel ranks); one source row at two batch rows is mixed twice,
+    differently; probabilities 0 and 1 keep none and all."""
+    seed = torch.tensor([11], device=device)
+    quant = torch.arange(5 * 3 * 4 * 6, dtype=torch.float32).view(5, 3, 4, 6)
+    quant = quant.contiguous(memory_format=torch.channels_last).to(device)
+    fp = -1 - quant
+    index = torch.tensor([4, 0, 0, 2], device=device)
+    out = mix_rows(quant, fp, index, seed, 0, 0.5)
+    layout = out.stride() == (72, 1, 18, 3) and out.shape == (4, 3, 4, 6)
+    sources = (out == quant[index]) | (out == fp[index])
+    ones = torch.ones(8, 3 * 4096 + 5, device=device)
+    batch = torch.arange(8, device=device)
+    kept = mix_rows(ones, ones * 0, batch, seed, 0, 0.3)
+    part = mix_rows(ones, ones * 0, batch[3:6], seed, 3, 0.3)
+    twice = mix_rows(ones, ones * 0, torch.tensor([1, 1], device=device), seed, 0, 0.5)
+    return {
+        "mix: layout and sources": layout and bool(sources.all()),
+        "mix: fraction": abs(kept.mean().item() - 0.3) < 5 * (0.21 / kept.numel()) ** 0.5,
+        "mix: rows of the batch": torch.equal(part, kept[3:6]),
+        "mix: a row twice, two draws": not torch.equal(twice[0], twice[1]),
+        "mix: none and all": torch.equal(mix_rows(quant, fp, index, seed, 0, 0.0), fp[index])
+        and torch.equal(mix_rows(quant, fp, index, seed, 0, 1.0), quant[index]),
+    }
 
 
 def mask_checks(keep_mask, device: str) -> dict[str, bool]:
@@ -295,11 +338,12 @@ def test_adam_kernel_is_torch_adam_on_the_gpu_and_in_a_captured_unit_step():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_keep_mask_kernel_on_the_gpu_compiled_and_captured():
-    """kernels.keep_mask's properties on the GPU (mask_checks), and the op inside a compiled function captured in a
+    """kernels.keep_mask's and kernels.mix_rows' properties on the GPU (mask_checks, mix_checks), and the op inside a compiled function captured in a
     CUDA graph: each replay draws a new mask (the seed is drawn inside the graph), each keeping about half."""
     from hdrq_lightning.quant.quantizers import keep_mask
 
     assert all(mask_checks(kernels.keep_mask, "cuda").values())
+    assert all(mix_checks(kernels.mix_rows, "cuda").values())
     device = torch.device("cuda")
     x = torch.ones(64, 1000, device=device)
     compiled = torch.compile(lambda t: torch.where(keep_mask(tuple(t.shape), 0.5, device, kernel=True), t, 0.0),

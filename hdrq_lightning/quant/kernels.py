@@ -10,7 +10,7 @@ noise draw's inverse-CDF table in one kernel.
 
 ``adam_update``: torch.optim.Adam's update of one tensor with the step count and learning rate on the device, for
 the captured step (``UnitAdam.kernel_step``). ``keep_mask``: QDrop's Bernoulli masks with four elements per Philox
-call (``quant.runtime.mask_kernel``).
+call, and ``mix_rows``: QDrop's input mixing straight from the cache rows (both with ``quant.runtime.mask_kernel``).
 
 Importable without Triton: ``available()`` and ``scaled_available()`` say whether the histogram kernels can run.
 """
@@ -156,6 +156,34 @@ if triton is not None:
 
 
     @triton.jit
+    def _mix_quarter(quant_ptr, fp_ptr, out_ptr, source, target, offsets, row_numel, word, threshold):
+        inside = offsets < row_numel
+        quant = tl.load(quant_ptr + source + offsets, mask=inside)
+        fp = tl.load(fp_ptr + source + offsets, mask=inside)
+        tl.store(out_ptr + target + offsets, tl.where(word.to(tl.int64) < threshold, quant, fp), mask=inside)
+
+    @triton.jit
+    def _mix_rows_kernel(quant_ptr, fp_ptr, index_ptr, seed_ptr, out_ptr, row_numel, first_row, threshold,
+                         BLOCK: tl.constexpr):
+        # out row r = where(keep, quant[index[r]], fp[index[r]]) element by element in memory order; keep = a Philox
+        # word < threshold, four elements per call as in _keep_mask_kernel, keyed by the global row first_row + r
+        # and the element's place in its row: ranks holding other rows of the batch draw the rest of one mask
+        QUARTER: tl.constexpr = BLOCK // 4
+        row = tl.program_id(0)
+        chunk = tl.program_id(1)
+        j = tl.arange(0, QUARTER)
+        counter = ((first_row + row) * tl.num_programs(1) + chunk) * QUARTER + j
+        w0, w1, w2, w3 = tl.randint4x(tl.load(seed_ptr), counter.to(tl.uint32))
+        source = tl.load(index_ptr + row).to(tl.int64) * row_numel
+        target = row.to(tl.int64) * row_numel
+        offsets = chunk * BLOCK + j
+        _mix_quarter(quant_ptr, fp_ptr, out_ptr, source, target, offsets, row_numel, w0, threshold)
+        _mix_quarter(quant_ptr, fp_ptr, out_ptr, source, target, offsets + QUARTER, row_numel, w1, threshold)
+        _mix_quarter(quant_ptr, fp_ptr, out_ptr, source, target, offsets + 2 * QUARTER, row_numel, w2, threshold)
+        _mix_quarter(quant_ptr, fp_ptr, out_ptr, source, target, offsets + 3 * QUARTER, row_numel, w3, threshold)
+
+
+    @triton.jit
     def _adam_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, step_ptr, lr_ptr, n, beta1, beta2,
                      log2_beta1, log2_beta2, eps, weight_decay, WEIGHT_DECAY: tl.constexpr, BLOCK: tl.constexpr):
         # torch.optim.Adam's update (amsgrad and maximize off), as its fused CUDA kernel writes it, on BLOCK elements
@@ -220,14 +248,48 @@ def keep_mask(seed: Tensor, n: int, prob: float) -> Tensor:
     CUDA tensor, read on the device so that a captured graph's replays draw anew when the seed is drawn inside the
     graph): the same distribution as ``torch.rand(n) < prob``, other draws, a quarter of the Philox calls and
     one byte written per element."""
-    if not 0.0 <= prob <= 1.0:
-        raise ValueError(f"keep_mask needs a probability in [0, 1], got {prob}")
+    threshold = _threshold(prob)
     if n >= 1 << 34:
         raise ValueError(f"keep_mask draws at most 2^34 elements (32-bit Philox counters), got {n}")
     out = torch.empty(n, dtype=torch.bool, device=seed.device)
     if n:
-        threshold = min(round(prob * 2.0**32), 1 << 32)
         _keep_mask_kernel[(triton.cdiv(n, _MASK_BLOCK),)](seed, out, n, threshold, BLOCK=_MASK_BLOCK)
+    return out
+
+
+def _threshold(prob: float) -> int:
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"a keep probability must lie in [0, 1], got {prob}")
+    return min(round(prob * 2.0**32), 1 << 32)
+
+
+def rows_in_one_block(t: Tensor) -> bool:
+    """Whether each row (index of dim 0) of ``t`` is one contiguous block of memory, rows one after another (a
+    contiguous or channels-last tensor): what ``mix_rows`` reads and writes."""
+    row = math.prod(t.shape[1:])
+    dense = t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+    return dense and (t.shape[0] <= 1 or t.stride(0) == row)
+
+
+def mix_rows(quant: Tensor, fp: Tensor, index: Tensor, seed: Tensor, first_row: int, prob: float) -> Tensor:
+    """QDrop's input mixing in one pass: row ``r`` of the result holds ``quant[index[r]]`` where a draw keeps the
+    quantized value (probability ``prob``), else ``fp[index[r]]``, in ``quant``'s layout; ``quant`` and ``fp`` of one
+    shape, dtype and layout (``rows_in_one_block``). The draws come four elements per Philox call keyed by ``seed``
+    (a one-element int64 CUDA tensor) and the global row ``first_row + r``, so data-parallel ranks draw together
+    one batch's mask. Nothing is gathered or masked apart: one read of each source row, one write."""
+    if quant.shape != fp.shape or quant.dtype != fp.dtype or quant.stride() != fp.stride() \
+            or not rows_in_one_block(quant):
+        raise ValueError("mix_rows needs two sources of one shape, dtype and row-blocked layout")
+    threshold = _threshold(prob)
+    rows, row_numel = index.numel(), math.prod(quant.shape[1:])
+    out = torch.empty_strided((rows, *quant.shape[1:]), (row_numel, *quant.stride()[1:]), dtype=quant.dtype,
+                              device=quant.device)
+    if rows and row_numel:
+        chunks = triton.cdiv(row_numel, _MASK_BLOCK)
+        if (first_row + rows) * chunks * (_MASK_BLOCK // 4) >= 1 << 32:
+            raise ValueError("mix_rows draws at most 2^34 elements (32-bit Philox counters)")
+        _mix_rows_kernel[(rows, chunks)](quant, fp, index, seed, out, row_numel, first_row, threshold,
+                                         BLOCK=_MASK_BLOCK)
     return out
 
 

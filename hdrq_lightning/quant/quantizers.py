@@ -104,6 +104,34 @@ def batch_keep_mask(rows: tuple[int, int, int], row_shape: tuple[int, ...], devi
     return mask if start == 0 and stop == total else mask[start:stop]
 
 
+@torch.library.custom_op("hdrq::mix_rows", mutates_args=())
+def _mix_rows(quant: Tensor, fp: Tensor, index: Tensor, seed: Tensor, first_row: int, prob: float) -> Tensor:
+    return kernels.mix_rows(quant, fp, index, seed, first_row, prob)
+
+
+@_mix_rows.register_fake
+def _(quant: Tensor, fp: Tensor, index: Tensor, seed: Tensor, first_row: int, prob: float) -> Tensor:
+    return quant.new_empty_strided((index.shape[0], *quant.shape[1:]),
+                                   (math.prod(quant.shape[1:]), *quant.stride()[1:]))
+
+
+def can_mix_rows(quant: Tensor, fp: Tensor) -> bool:
+    """Whether ``mix_batch_rows`` takes these sources: CUDA tensors of one shape, dtype and row-blocked layout
+    (contiguous or channels-last), Triton importable."""
+    return (kernels.triton is not None and quant.is_cuda and fp.device == quant.device and quant.shape == fp.shape
+            and quant.dtype == fp.dtype and quant.stride() == fp.stride() and kernels.rows_in_one_block(quant))
+
+
+def mix_batch_rows(quant: Tensor, fp: Tensor, index: Tensor, rows: tuple[int, int, int], prob: float) -> Tensor:
+    """QDrop's input mixing with ``quant.runtime.mask_kernel``: rows ``index`` of ``quant`` and ``fp``, each element
+    the quantized one with probability ``prob``, read straight from the sources in one kernel (kernels.mix_rows; no
+    gathered copies or mask written out). ``rows = (total, start, stop)``: these are rows ``start:stop`` of the
+    global batch, whose mask is drawn per global row, so data-parallel ranks draw one batch's mask together. The
+    draws follow the memory order of a row (a channels-last cache mixes other elements than an NCHW one)."""
+    seed = torch.randint(1 << 62, (1,), device=quant.device)
+    return _mix_rows(quant, fp, index, seed, rows[1], float(prob))
+
+
 def flatten_in_memory_order(t: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """``t`` as a 1-D view in the order of its memory, and the map from such a 1-D tensor back to ``t``'s layout.
 

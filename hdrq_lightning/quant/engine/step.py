@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hdrq_lightning.quant.engine.plan import Phase, trains_activations, trains_weights
-from hdrq_lightning.quant.quantizers import batch_keep_mask
+from hdrq_lightning.quant.quantizers import batch_keep_mask, can_mix_rows, mix_batch_rows
 
 
 class StepMixin:
@@ -106,23 +106,46 @@ class StepMixin:
         A unit with several inputs gets each mixed with its own mask, in leaf order, and its call rebuilt."""
         cache = self._cache
         mine = indices if local.start == 0 and local.stop == len(indices) else indices[local]
+        pairs = list(zip(cache.input_names("quant_input"), cache.input_names("fp_input"))) \
+            if self._mixes(pass_name) else []
+        batch_rows = (self.recipe.batch_size, local.start, local.stop)
+        mixed = self._kernel_mixed(pairs, mine, host_rows, batch_rows) if self.runtime.mask_kernel else {}
+        taken = {name for pair in pairs if pair[0] in mixed for name in pair}
         rows = {name: host_rows[name] if name in host_rows else cache.gather_device(name, mine)
-                for name in self._needed(pass_name)}
-        leaves = [rows[name] for name in cache.input_names("quant_input")]
-        if self._mixes(pass_name):
+                for name in self._needed(pass_name) if name not in taken}
+        leaves = [mixed[name] if name in mixed else rows[name] for name in cache.input_names("quant_input")]
+        for i, (quant_name, fp_name) in enumerate(pairs):
+            if quant_name in mixed:
+                continue
             # drawn for the global batch in logical order: layout- and world-size-independent
-            batch_rows = (self.recipe.batch_size, local.start, local.stop)
-            for i, fp_name in enumerate(cache.input_names("fp_input")):
-                mask = batch_keep_mask(batch_rows, tuple(leaves[i].shape[1:]), leaves[i].device,
-                                       self.recipe.input_quant_prob, self.runtime.mask_kernel)
-                if mask.stride() != leaves[i].stride():
-                    # the mask in the cache's layout (channels-last), so that the mixed input is in it too: where()
-                    # takes the layout of the logical-order mask, and a channels-last unit then transposes its input
-                    # (Inductor writing the gathered rows out to do so) and saves it NCHW for the backward
-                    mask = torch.empty_like(leaves[i], dtype=torch.bool).copy_(mask)
-                leaves[i] = torch.where(mask, leaves[i], rows[fp_name])
+            mask = batch_keep_mask(batch_rows, tuple(leaves[i].shape[1:]), leaves[i].device,
+                                   self.recipe.input_quant_prob, self.runtime.mask_kernel)
+            if mask.stride() != leaves[i].stride():
+                # the mask in the cache's layout (channels-last), so that the mixed input is in it too: where()
+                # takes the layout of the logical-order mask, and a channels-last unit then transposes its input
+                # (Inductor writing the gathered rows out to do so) and saves it NCHW for the backward
+                mask = torch.empty_like(leaves[i], dtype=torch.bool).copy_(mask)
+            leaves[i] = torch.where(mask, leaves[i], rows[fp_name])
         inputs = leaves[0] if cache.spec is None else cache.call(leaves)
         return inputs, rows["fp_target"]
+
+    def _kernel_mixed(self, pairs: list[tuple[str, str]], mine: torch.Tensor, host_rows: dict[str, torch.Tensor],
+                      batch_rows: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+        """QDrop's mixed inputs by one kernel each (``mix_batch_rows``, quant.runtime.mask_kernel), by quant-input
+        name: straight from the device cache at ``mine``, or from the host-resident rows already brought over; a
+        pair the kernel does not take (one source on each side, another layout, no CUDA) is left to the torch
+        mixing."""
+        mixed = {}
+        for quant_name, fp_name in pairs:
+            on_host = quant_name in host_rows
+            if on_host != (fp_name in host_rows):
+                continue
+            sources = (host_rows[quant_name], host_rows[fp_name]) if on_host else \
+                (self._cache.tensor(quant_name), self._cache.tensor(fp_name))
+            if can_mix_rows(*sources):
+                index = torch.arange(len(mine), device=mine.device) if on_host else mine
+                mixed[quant_name] = mix_batch_rows(*sources, index, batch_rows, self.recipe.input_quant_prob)
+        return mixed
 
     def _batch_loss(self, unit: nn.Module, layers: list[nn.Module], extras: dict[str, list[torch.Tensor | None]],
                     pass_name: str, indices: torch.Tensor, host_rows: dict[str, torch.Tensor], local: slice,
