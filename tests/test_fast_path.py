@@ -145,10 +145,9 @@ def test_graph_replays_draw_the_eager_random_numbers():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_mask_kernel_draws_the_same_masks_eager_captured_and_compiled(monkeypatch):
     """quant.runtime.mask_kernel (QDrop's drop masks by kernels.keep_mask, its input mixing by kernels.mix_rows) with
-    every learning rate 0, so a loss differs
-    only if a draw does: the flag changes the draws (it reaches the engine's step), replays of the captured step
-    reproduce the eager step's, and so does Inductor with its random ops falling back to torch's (the kernel's
-    seed then is the eager one; HDRQ's noise included)."""
+    every learning rate 0, so a loss differs only if a draw does: the flag changes the draws (it reaches the
+    engine's step), replays of the captured step reproduce the eager step's, and so does Inductor with its random
+    ops falling back to torch's (the kernels' seeds then are the eager ones; HDRQ's noise included)."""
     recipe = dataclasses.replace(hdrq_recipe(noise=True, iters=16),
                                  weight=WeightRecipe(rounding="latent", symmetric=True, learn_scale=True, lr=0.0,
                                                      scale_lr=0.0),

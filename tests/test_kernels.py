@@ -202,7 +202,7 @@ def scaled_expected(t, scale, zero_point, qmin, qmax, bins) -> torch.Tensor:
 @pytest.mark.skipif(kernels.triton is None, reason="needs Triton")
 def test_triton_histogram_counts_like_histc_in_the_interpreter():
     """The kernels' logic on the CPU (TRITON_INTERPRET=1): the histograms (5 blocks over 3 programs, masked and
-    not), the quantile table, QDrop's keep mask and Adam."""
+    not), the quantile table, QDrop's keep mask and input mixing (and opcheck of their ops), Adam."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     script = _INTERPRETED.format(tests=str(Path(__file__).parent))
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=3600)
@@ -338,8 +338,9 @@ def test_adam_kernel_is_torch_adam_on_the_gpu_and_in_a_captured_unit_step():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_keep_mask_kernel_on_the_gpu_compiled_and_captured():
-    """kernels.keep_mask's and kernels.mix_rows' properties on the GPU (mask_checks, mix_checks), and the op inside a compiled function captured in a
-    CUDA graph: each replay draws a new mask (the seed is drawn inside the graph), each keeping about half."""
+    """kernels.keep_mask's and kernels.mix_rows' properties on the GPU (mask_checks, mix_checks), and the keep-mask
+    op inside a compiled function captured in a CUDA graph: each replay draws a new mask (the seed is drawn inside
+    the graph), each keeping about half."""
     from hdrq_lightning.quant.quantizers import keep_mask
 
     assert all(mask_checks(kernels.keep_mask, "cuda").values())
