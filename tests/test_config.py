@@ -41,6 +41,14 @@ def test_presets_are_one_engine_with_the_paper_settings(compose_cfg):
     assert hdrq.noise.switch_iteration(hdrq.iters) == 20000 - 3500
 
 
+@pytest.mark.parametrize("field", ["input_quant_prob", "drop_prob"])
+def test_qdrop_probabilities_outside_0_1_are_refused(compose_cfg, field):
+    from hdrq_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"quant.{field}=1.5 is not a probability"):
+        Recipe.from_config(compose_cfg("quantize", "quant=qdrop", f"quant.{field}=1.5").quant)
+
+
 @pytest.mark.parametrize("merge", options("merge"))
 def test_merge_groups_build_methods(compose_cfg, merge):
     cfg = compose_cfg("merge", f"merge={merge}")

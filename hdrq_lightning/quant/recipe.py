@@ -194,6 +194,10 @@ class Recipe:
         for name in ("iters", "act_iters", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"quant.{name} must be a positive integer.")
+        for name in ("input_quant_prob", "drop_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"quant.{name}={getattr(self, name)} is not a probability; use a value in [0, 1] "
+                                  "(QDrop: 0.5; BRECQ: input_quant_prob=1, drop_prob=0).")
 
     def numerics(self) -> QuantConfig:
         """The model-independent numerics of this recipe (the model adds its own exceptions: quant/facts.py)."""
