@@ -13,7 +13,7 @@ from engines import started_engine, tiny_model_and_calibration
 
 from hdrq_lightning.callbacks import LearningRateSchedule, NoiseToFakeQuantSwitch
 from hdrq_lightning.errors import ConfigError
-from hdrq_lightning.quant.cache import cache_budget_bytes
+from hdrq_lightning.quant.cache import UnitCache, cache_budget_bytes
 from hdrq_lightning.quant.modules import quantize_model
 from hdrq_lightning.quant.quantizers import ActivationQuantizer
 from hdrq_lightning.quant.recipe import NoiseRecipe, Recipe, Runtime, WeightRecipe
@@ -272,3 +272,20 @@ def test_mixed_input_keeps_the_cache_layout_and_the_logical_order_draw(setup):
     quant, fp = (module._cache.gather_device(module._cache.input_names(kind)[0], indices)
                  for kind in ("quant_input", "fp_input"))
     assert not torch.equal(batches[True], quant) and not torch.equal(batches[True], fp)  # really mixed
+
+
+def test_row_gather_of_the_cache_is_index_select_in_the_cache_layout():
+    """gather_device's row gather (a copy kernel on a 2-D view) gives index_select's rows in the cache's layout:
+    contiguous, channels-last, a one-row cache whose batch stride is arbitrary (it stays dense) and a strided one
+    (index_select's path)."""
+    x = torch.randn(5, 3, 4, 6)
+    single = torch.randn(1, 3, 4, 6).as_strided((1, 3, 4, 6), (999, 1, 18, 3))  # channels-last, stride(0) unused
+    indices = torch.tensor([4, 0, 0, 2])
+    cases = [(x, indices), (x.contiguous(memory_format=torch.channels_last), indices),
+             (single, torch.tensor([0, 0, 0])), (x[:, :, ::2], indices)]
+    for tensor, rows in cases:
+        cache = UnitCache("joint", 0, tensor, tensor, tensor[:, 0], torch.device("cpu"))
+        gathered = cache.gather_device("quant_input", rows)
+        assert torch.equal(gathered, tensor.index_select(0, rows))
+        if tensor.is_contiguous() or tensor.is_contiguous(memory_format=torch.channels_last):
+            assert gathered.stride()[1:] == tensor.stride()[1:]

@@ -22,6 +22,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from hdrq_lightning.errors import ConfigError
+from hdrq_lightning.quant import kernels
 
 log = logging.getLogger("hdrq")
 
@@ -130,13 +131,11 @@ class UnitCache:
         on a 4-D channels-last tensor runs a generic gather at a fraction of the memory bandwidth.
         """
         tensor = self.tensor(name)
-        row = math.prod(tensor.shape[1:])
-        dense = tensor.is_contiguous() or (tensor.dim() == 4 and tensor.is_contiguous(
-            memory_format=torch.channels_last))
-        if not dense or tensor.stride(0) != row:
+        if not kernels.standard_dense(tensor):
             return tensor.index_select(0, indices)
+        row = math.prod(tensor.shape[1:])
         rows = tensor.as_strided((len(tensor), row), (row, 1)).index_select(0, indices)
-        return rows.as_strided((len(indices), *tensor.shape[1:]), tensor.stride())
+        return rows.as_strided((len(indices), *tensor.shape[1:]), (row, *tensor.stride()[1:]))
 
     def gather_host(self, name: str, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``rows`` (a CPU index tensor) of a host-resident tensor, delivered on the device.

@@ -41,6 +41,12 @@ def available(x: Tensor) -> bool:
 _SCALED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def standard_dense(t: Tensor) -> bool:
+    """Whether ``t`` fills its memory without gaps in a standard layout, contiguous or channels-last: dim 0 then is
+    outermost, each of its rows one block of memory (what the kernels walking rows or storages rely on)."""
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
 def scaled_available(t: Tensor, scale: Tensor) -> bool:
     """Whether ``scaled_residual_histogram`` runs on ``t``: a CUDA float tensor (float32, bfloat16 or float16, read
     as float32), Triton importable, and a step that is one scalar or one per index of ``t``'s dim 0 when dim 0 is
@@ -50,7 +56,7 @@ def scaled_available(t: Tensor, scale: Tensor) -> bool:
     if scale.numel() == 1:
         return True
     return (scale.numel() == t.shape[0] and scale.dim() == t.dim() and scale.shape[0] == t.shape[0]
-            and (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)))
+            and standard_dense(t))
 
 
 if triton is not None:
@@ -220,8 +226,7 @@ def dense_in_one_layout(tensors: tuple[Tensor, ...]) -> bool:
     """Whether the tensors have one shape and strides and fill their memory without gaps in a standard layout
     (contiguous or channels-last), so that their storages can be walked element by element in step."""
     first = tensors[0]
-    dense = first.is_contiguous() or (first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last))
-    return dense and all(t.shape == first.shape and t.stride() == first.stride() for t in tensors)
+    return standard_dense(first) and all(t.shape == first.shape and t.stride() == first.stride() for t in tensors)
 
 
 def adam_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, lr: Tensor,
@@ -263,23 +268,24 @@ def _threshold(prob: float) -> int:
     return min(round(prob * 2.0**32), 1 << 32)
 
 
-def rows_in_one_block(t: Tensor) -> bool:
-    """Whether each row (index of dim 0) of ``t`` is one contiguous block of memory, rows one after another (a
-    contiguous or channels-last tensor): what ``mix_rows`` reads and writes."""
-    row = math.prod(t.shape[1:])
-    dense = t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
-    return dense and (t.shape[0] <= 1 or t.stride(0) == row)
+def mix_rows_supported(quant: Tensor, fp: Tensor) -> bool:
+    """Whether ``mix_rows`` takes these sources: Triton importable, CUDA tensors of one shape, dtype, strides and
+    standard dense layout (``standard_dense``)."""
+    return triton is not None and quant.is_cuda and fp.device == quant.device and _one_dense_kind(quant, fp)
+
+
+def _one_dense_kind(quant: Tensor, fp: Tensor) -> bool:
+    return quant.dtype == fp.dtype and dense_in_one_layout((quant, fp))
 
 
 def mix_rows(quant: Tensor, fp: Tensor, index: Tensor, seed: Tensor, first_row: int, prob: float) -> Tensor:
     """QDrop's input mixing in one pass: row ``r`` of the result holds ``quant[index[r]]`` where a draw keeps the
-    quantized value (probability ``prob``), else ``fp[index[r]]``, in ``quant``'s layout; ``quant`` and ``fp`` of one
-    shape, dtype and layout (``rows_in_one_block``). The draws come four elements per Philox call keyed by ``seed``
+    quantized value (probability ``prob``), else ``fp[index[r]]``, in ``quant``'s layout (``mix_rows_supported``
+    says which sources it takes). The draws come four elements per Philox call keyed by ``seed``
     (a one-element int64 CUDA tensor) and the global row ``first_row + r``, so data-parallel ranks draw together
     one batch's mask. Nothing is gathered or masked apart: one read of each source row, one write."""
-    if quant.shape != fp.shape or quant.dtype != fp.dtype or quant.stride() != fp.stride() \
-            or not rows_in_one_block(quant):
-        raise ValueError("mix_rows needs two sources of one shape, dtype and row-blocked layout")
+    if not _one_dense_kind(quant, fp):  # (the device is Triton's business: its interpreter runs on the CPU)
+        raise ValueError("mix_rows needs two sources of one shape, dtype and contiguous or channels-last layout")
     threshold = _threshold(prob)
     rows, row_numel = index.numel(), math.prod(quant.shape[1:])
     out = torch.empty_strided((rows, *quant.shape[1:]), (row_numel, *quant.stride()[1:]), dtype=quant.dtype,

@@ -83,6 +83,11 @@ def _(seed: Tensor, numel: int, prob: float) -> Tensor:
     return seed.new_empty(numel, dtype=torch.bool)
 
 
+def _philox_seed(device: torch.device) -> Tensor:
+    """A mask kernel's seed: one draw from torch's generator (so reseeding and CUDA-graph replays govern it)."""
+    return torch.randint(1 << 62, (1,), device=device)
+
+
 def keep_mask(shape: tuple[int, ...], prob: float, device: torch.device, kernel: bool = False) -> Tensor:
     """Booleans of ``shape``, each true with probability ``prob``: ``torch.rand(shape) < prob``, or with ``kernel``
     on CUDA (``quant.runtime.mask_kernel``) one Triton kernel drawing four elements per Philox call and writing one
@@ -90,8 +95,7 @@ def keep_mask(shape: tuple[int, ...], prob: float, device: torch.device, kernel:
     govern it as any draw). Same distribution, other draws."""
     if not (kernel and kernels.triton is not None and device.type == "cuda"):
         return torch.rand(shape, device=device) < prob
-    seed = torch.randint(1 << 62, (1,), device=device)
-    return _keep_mask(seed, math.prod(shape), float(prob)).view(shape)
+    return _keep_mask(_philox_seed(device), math.prod(shape), float(prob)).view(shape)
 
 
 def batch_keep_mask(rows: tuple[int, int, int], row_shape: tuple[int, ...], device: torch.device, prob: float,
@@ -115,21 +119,14 @@ def _(quant: Tensor, fp: Tensor, index: Tensor, seed: Tensor, first_row: int, pr
                                    (math.prod(quant.shape[1:]), *quant.stride()[1:]))
 
 
-def can_mix_rows(quant: Tensor, fp: Tensor) -> bool:
-    """Whether ``mix_batch_rows`` takes these sources: CUDA tensors of one shape, dtype and row-blocked layout
-    (contiguous or channels-last), Triton importable."""
-    return (kernels.triton is not None and quant.is_cuda and fp.device == quant.device and quant.shape == fp.shape
-            and quant.dtype == fp.dtype and quant.stride() == fp.stride() and kernels.rows_in_one_block(quant))
-
-
 def mix_batch_rows(quant: Tensor, fp: Tensor, index: Tensor, rows: tuple[int, int, int], prob: float) -> Tensor:
-    """QDrop's input mixing with ``quant.runtime.mask_kernel``: rows ``index`` of ``quant`` and ``fp``, each element
+    """QDrop's input mixing with ``quant.runtime.mask_kernel`` (sources that ``kernels.mix_rows_supported`` takes):
+    rows ``index`` of ``quant`` and ``fp``, each element
     the quantized one with probability ``prob``, read straight from the sources in one kernel (kernels.mix_rows; no
     gathered copies or mask written out). ``rows = (total, start, stop)``: these are rows ``start:stop`` of the
     global batch, whose mask is drawn per global row, so data-parallel ranks draw one batch's mask together. The
     draws follow the memory order of a row (a channels-last cache mixes other elements than an NCHW one)."""
-    seed = torch.randint(1 << 62, (1,), device=quant.device)
-    return _mix_rows(quant, fp, index, seed, rows[1], float(prob))
+    return _mix_rows(quant, fp, index, _philox_seed(quant.device), rows[1], float(prob))
 
 
 def flatten_in_memory_order(t: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:

@@ -11,8 +11,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hdrq_lightning.quant import kernels
 from hdrq_lightning.quant.engine.plan import Phase, trains_activations, trains_weights
-from hdrq_lightning.quant.quantizers import batch_keep_mask, can_mix_rows, mix_batch_rows
+from hdrq_lightning.quant.quantizers import batch_keep_mask, mix_batch_rows
 
 
 class StepMixin:
@@ -142,7 +143,7 @@ class StepMixin:
                 continue
             sources = (host_rows[quant_name], host_rows[fp_name]) if on_host else \
                 (self._cache.tensor(quant_name), self._cache.tensor(fp_name))
-            if can_mix_rows(*sources):
+            if kernels.mix_rows_supported(*sources):
                 index = torch.arange(len(mine), device=mine.device) if on_host else mine
                 mixed[quant_name] = mix_batch_rows(*sources, index, batch_rows, self.recipe.input_quant_prob)
         return mixed
