@@ -118,7 +118,7 @@ class Runtime:
     fused_optimizer: bool = True      # fused Adam on CUDA
     adam_kernel: bool = True          # captured steps: Adam by a per-tensor Triton kernel (all SMs busy on small
                                       # units); false: torch's fused Adam there too
-    mask_kernel: bool = False         # CUDA: QDrop's drop masks and input mixing by Triton kernels (4 elements per
+    mask_kernel: bool = True          # CUDA: QDrop's drop masks and input mixing by Triton kernels (4 elements per
                                       # Philox call; same distribution, other draws); false: torch.rand(...) < p
     steps_per_batch: int = 1          # engine iterations per Lightning batch (amortises the loop's overhead)
     cache_device: str = "auto"        # unit caches: auto (GPU within the budget, else pinned host) | device | host
