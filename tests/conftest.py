@@ -10,6 +10,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from tiny import CONF_DIR, TINY
 
+from hdrq_lightning.callbacks.compile_ahead import apply_precision_settings, precision_settings
+
 
 def run_if_gpu():
     return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -49,3 +51,12 @@ def _single_thread_and_offline(monkeypatch):
     torch.set_num_threads(min(threads, int(os.environ.get("HDRQ_TEST_THREADS", "2"))))
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _restore_precision_settings():
+    """TF32 settings back exactly as they were (a test that set them, e.g. through Runtime.apply_precision, would
+    otherwise change the compile-cache keys of every later test: the compile-ahead worker replicates them)."""
+    settings = precision_settings()
+    yield
+    apply_precision_settings(settings)

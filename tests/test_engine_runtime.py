@@ -244,14 +244,12 @@ def test_unit_adam_kernel_step_falls_back_to_step_where_the_kernel_does_not_appl
 def test_tf32_null_keeps_the_process_settings(tf32):
     """quant.runtime.tf32: null leaves torch's settings (TF32 convolutions, FP32 matmuls by default, as the
     official code runs); true and false set both switches."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
-        Runtime(tf32=tf32).apply_precision()
-        expected = (False, True) if tf32 is None else (tf32, tf32)
-        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == expected
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    # (the process's settings are restored exactly by conftest's autouse fixture: assigning allow_tf32 back would
+    # leave fp32_precision 'ieee' where it was 'none', another compile-cache key for every later test)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+    Runtime(tf32=tf32).apply_precision()
+    expected = (False, True) if tf32 is None else (tf32, tf32)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == expected
 
 
 def test_mixed_input_keeps_the_cache_layout_and_the_logical_order_draw(setup):
