@@ -10,7 +10,9 @@ and the steady iterations. The whole-model time at 20,000 iterations per unit is
 sum over units of (cache + first steps + steady ms/iter x the remaining iterations), i.e. measured, not
 assumed, one-off costs. Writes <out>/full_run_<model>_<method>_<path>.json. With ``--devices N`` (N > 1) the run is
 data-parallel as `hdrq quantize trainer=ddp` runs it (the global batch split over N processes, one compile-ahead
-worker per rank); every rank writes its own file, ..._rank<r>.json, with its own cache hits.
+worker per rank); every rank writes its own file, ..._rank<r>.json, with its own cache hits. With
+``--compile-bundles DIR`` a run with an empty Inductor cache first loads the folder's portable bundles (a new machine
+starting warm: run once to write the bundle, then again with another empty ``TORCHINDUCTOR_CACHE_DIR``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from bench.reconstruction import (  # noqa: E402
     parse_workload_arguments,
 )
 from hdrq_lightning.callbacks.compile_ahead import CompileAheadCallback  # noqa: E402
+from hdrq_lightning.callbacks.compile_bundles import CompileBundlesCallback  # noqa: E402
 from hdrq_lightning.quant.distributed import reconstruction_trainer_arguments  # noqa: E402
 from hdrq_lightning.quant.recipe import Recipe  # noqa: E402
 from hdrq_lightning.quant.reconstruction import ReconstructionModule  # noqa: E402
@@ -88,6 +91,9 @@ def main() -> None:
     parser.add_argument("--target-iters", type=int, default=20000, help="iterations per unit to extrapolate to")
     parser.add_argument("--steps-per-batch", type=int, default=50)
     parser.add_argument("--devices", type=int, default=1, help="> 1: data-parallel over this many GPUs (DDP)")
+    parser.add_argument("--compile-bundles", default=None,
+                        help="a folder of portable compile bundles (quant.runtime.compile_bundles): loaded as the "
+                             "run starts (timed in the first unit's cache seconds), this run's added at its end")
     add_workload_arguments(parser)
     args = parse_workload_arguments(parser)
     cache = compile_cache_state()  # before anything compiles
@@ -102,11 +108,12 @@ def main() -> None:
     switch = recipe.noise.switch_iteration(args.iters) if recipe.noise.enabled else 0
     if min(switch, args.iters - switch) < 2 * FIRST_STEPS and recipe.noise.enabled or args.iters < 2 * FIRST_STEPS:
         raise SystemExit(f"--iters {args.iters} leaves too few steady steps around the noise switch; use >= 100.")
+    bundles = CompileBundlesCallback(args.compile_bundles)
     timer = UnitTimer(module, recipe)  # a step hook: runs before the callbacks' hooks (host work only)
     trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=args.devices, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, max_epochs=math.ceil(module.total_iters / recipe.checkpoint_every),
-                        callbacks=[*callbacks, CompileAheadCallback(model_config(args.model))],
+                        callbacks=[*callbacks, CompileAheadCallback(model_config(args.model)), bundles],
                         **reconstruction_trainer_arguments(args.devices > 1))
     started = time.perf_counter()
     trainer.fit(module)
@@ -163,7 +170,8 @@ def main() -> None:
                                     for name, count in counters[group].items() if "cache" in name}
     suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
     write_result(args.out, f"full_run_{args.model}_{args.method}_{args.path}{suffix}.json",
-                 {**result, "cache": cache if module.runtime.compile else "eager: no compile cache"})
+                 {**result, "cache": (f"{cache}, {bundles.loaded} compile bundles loaded" if bundles.loaded else cache)
+                  if module.runtime.compile else "eager: no compile cache"})
     print(json.dumps({k: v for k, v in result.items() if k != "units"}, indent=2))
 
 

@@ -46,8 +46,10 @@ def test_full_run_extrapolated_to_its_own_length_is_its_wall_time(tmp_path, meth
     interval between the unit timer's stamps is counted once, none twice (HDRQ: the noise switch splits each
     unit; BRECQ: two passes, the activation pass a quarter as long)."""
     run_bench("full_run.py", "--model", "resnet_tiny", "--method", method, "--path", "eager", "--iters", "100",
-              "--target-iters", "100", "--steps-per-batch", "10", "--out", str(tmp_path), *TINY)
+              "--target-iters", "100", "--steps-per-batch", "10", "--out", str(tmp_path),
+              "--compile-bundles", str(tmp_path / "bundles"), *TINY)
     result = json.loads((tmp_path / f"full_run_resnet_tiny_{method}_eager.json").read_text())
+    assert result["cache"] == "eager: no compile cache" and not (tmp_path / "bundles").exists()  # nothing compiled
     units = result["units"]
     passes = ["weights", "activations"] if method == "brecq" else ["joint"]
     blocks = ["stem", "layer1.0", "layer2.0", "layer3.0", "layer4.0", "head"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -124,10 +125,15 @@ class Runtime:
     cache_device: str = "auto"        # unit caches: auto (GPU within the budget, else pinned host) | device | host
     cache_budget_gib: float | None = None  # GPU memory the caches may use; null: 60% of the free memory
     log_every: int = 25               # iterations between logged losses (each log is a device sync)
+    compile_bundles: str | None = None  # with compile: a folder of portable compile bundles, loaded before the
+                                      # engine compiles, this run's added when it ends (callbacks/compile_bundles.py)
 
     def __post_init__(self) -> None:
         check_field_types(self, "quant.runtime")
         check_cache_device(self.cache_device)
+        if self.compile_bundles is not None and Path(self.compile_bundles).expanduser().is_file():
+            raise ConfigError(f"quant.runtime.compile_bundles={self.compile_bundles!r} is a file; give a folder "
+                              "(its *.bin bundles are loaded, this run's is added to it).")
         for name in ("steps_per_batch", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"quant.runtime.{name} must be a positive integer.")

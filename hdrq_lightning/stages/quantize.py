@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from hdrq_lightning.artifacts import QUANTIZED_FILE
 from hdrq_lightning.callbacks import engine_callbacks
 from hdrq_lightning.callbacks.compile_ahead import CompileAheadCallback
+from hdrq_lightning.callbacks.compile_bundles import CompileBundlesCallback
 from hdrq_lightning.callbacks.progress import StageProgress
 from hdrq_lightning.callbacks.wall_clock import WallClock
 from hdrq_lightning.errors import ConfigError
@@ -89,7 +90,8 @@ def quantize_one(cfg: DictConfig, dm, recipe: Recipe, source_folded: torch.nn.Mo
     clock = WallClock(started)
     source_weights = {k: v for k, v in source_folded.state_dict().items() if k.endswith("weight")}
     callbacks = [*engine_callbacks(recipe, source_weights), clock,
-                 CompileAheadCallback(architecture(cfg.model, dm.num_classes))]
+                 CompileAheadCallback(architecture(cfg.model, dm.num_classes)),
+                 CompileBundlesCallback(runtime.compile_bundles)]
     progress = StageProgress(f"quantize {recipe.tag}/{target}", total=lambda trainer, engine: engine.total_iters,
                              describe=lambda engine: engine.progress())
     trainer = build_trainer(cfg, run, "quantize", tags=[recipe.method, f"w{recipe.w_bits}a{recipe.a_bits}", target],
