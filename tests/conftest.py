@@ -1,8 +1,10 @@
-"""Shared fixtures: a composed config writing into tmp_path, and a GPU-only marker helper."""
+"""Shared fixtures: a composed config writing into tmp_path, finished source/adapt/quantize runs to start from, exact
+TF32 settings per test, and a GPU-only marker helper."""
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -11,6 +13,9 @@ from hydra.core.global_hydra import GlobalHydra
 from tiny import CONF_DIR, TINY
 
 from hdrq_lightning.callbacks.compile_ahead import apply_precision_settings, precision_settings
+from hdrq_lightning.stages.adapt import run_adapt
+from hdrq_lightning.stages.quantize import run_quantize
+from hdrq_lightning.stages.source import run_source
 
 
 def run_if_gpu():
@@ -60,3 +65,30 @@ def _restore_precision_settings():
     settings = precision_settings()
     yield
     apply_precision_settings(settings)
+
+
+@pytest.fixture(scope="module")
+def finished_once(tmp_path_factory):
+    """source, adapt and a QDrop W4A4 quantize run of the digits target ``negative`` (tiny settings), made once for
+    the module that uses it."""
+    root = tmp_path_factory.mktemp("finished") / "runs"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HDRQ_RUNS_DIR", str(root))
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            def cfg(stage, *overrides):
+                return compose("config", overrides=[f"stage={stage}", *TINY, "data.targets=[negative]", *overrides])
+
+            run_source(cfg("source"))
+            run_adapt(cfg("adapt"))
+            run_quantize(cfg("quantize", "quant=qdrop"))
+        GlobalHydra.instance().clear()
+    return root / "digits"
+
+
+@pytest.fixture
+def finished(finished_once, compose_cfg, tmp_path):
+    """A copy of those runs under this test's runs dir (tests delete and rewrite parts of it)."""
+    target = tmp_path / "runs" / "digits"
+    shutil.copytree(finished_once, target)
+    return target

@@ -12,10 +12,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from test_run_safety import finished, finished_once  # noqa: F401 (fixtures: a source, adapt and quantize run)
 
 from hdrq_lightning.callbacks import compile_bundles
-from hdrq_lightning.callbacks.compile_bundles import CompileBundlesCallback, bundle_name, load_bundles, save_bundle
+from hdrq_lightning.callbacks.compile_bundles import (
+    CompileBundlesCallback,
+    bundle_name,
+    load_bundles,
+    save_bundle,
+)
 from hdrq_lightning.errors import ConfigError
 from hdrq_lightning.quant.recipe import Runtime
 from hdrq_lightning.stages.quantize import run_quantize
@@ -136,7 +140,8 @@ def test_a_bundle_folder_that_is_a_file_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_the_quantize_stage_adds_a_bundle_and_loads_it_next_time(compose_cfg, finished, tmp_path, caplog):
-    """Through `hdrq quantize` with Inductor on the CPU: the first run adds its bundle, a forced re-run loads it."""
+    """Through `hdrq quantize` with Inductor on the CPU (from conftest's finished runs): the first run adds its
+    bundle, a forced re-run loads it."""
     bundles = tmp_path / "bundles"
     overrides = ("data.targets=[negative]", "quant=qdrop", "force=true", "quant.runtime.compile=true",
                  f"quant.runtime.compile_bundles={bundles}")

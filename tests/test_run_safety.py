@@ -13,14 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from safetensors import safe_open
-from tiny import CONF_DIR, TINY
+from tiny import TINY
 
 from hdrq_lightning.artifacts import StageRun, save_weights
 from hdrq_lightning.errors import ArtifactError, ConfigError
-from hdrq_lightning.stages.adapt import run_adapt
 from hdrq_lightning.stages.evaluate import run_evaluate
 from hdrq_lightning.stages.merge import run_merge
 from hdrq_lightning.stages.quantize import run_quantize
@@ -32,32 +29,6 @@ ONE_TARGET = "data.targets=[negative]"
 def _tree(root: Path) -> dict[str, int]:
     """Every file under root with its modification time: what a deletion or a rewrite would change."""
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def finished_once(tmp_path_factory):
-    """source, adapt and a QDrop W4A4 quantize run of one target (tiny settings), made once for the module."""
-    root = tmp_path_factory.mktemp("finished") / "runs"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HDRQ_RUNS_DIR", str(root))
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            def cfg(stage, *overrides):
-                return compose("config", overrides=[f"stage={stage}", *TINY, ONE_TARGET, *overrides])
-
-            run_source(cfg("source"))
-            run_adapt(cfg("adapt"))
-            run_quantize(cfg("quantize", "quant=qdrop"))
-        GlobalHydra.instance().clear()
-    return root / "digits"
-
-
-@pytest.fixture
-def finished(finished_once, compose_cfg, tmp_path):
-    """A copy of those runs under this test's runs dir (tests delete and rewrite parts of it)."""
-    target = tmp_path / "runs" / "digits"
-    shutil.copytree(finished_once, target)
-    return target
 
 
 def test_evaluate_paths_outside_the_runs_are_refused_and_force_deletes_nothing(compose_cfg, finished, tmp_path):

@@ -1,6 +1,7 @@
 """Callbacks of the reconstruction engine (lr schedule, HDRQ's noise switch and distance regulariser, compile-ahead
-worker, portable compile bundles) and of every stage's Trainer (progress, wall clock). ``engine_callbacks`` is the one place that says which
-engine callbacks a recipe needs (the quantize stage, the benchmarks and the compile-ahead twin use it)."""
+worker, portable compile bundles) and of every stage's Trainer (progress, wall clock). ``engine_callbacks`` is the
+one place that says which engine callbacks a recipe needs (the quantize stage, the benchmarks and the compile-ahead
+twin use it)."""
 
 from __future__ import annotations
 
