@@ -82,12 +82,12 @@ def test_a_bundle_that_does_not_load_is_named_and_skipped(tmp_path, monkeypatch,
         assert load_bundles(tmp_path) == 1
     assert seen == [b"not a bundle", b"fine"]
     assert "a_broken.bin" in caplog.text and "checksum does not match" in caplog.text
-    # torch's own reaction to a corrupt blob: a logged warning and None
-    monkeypatch.setattr(compile_bundles.torch.compiler, "load_cache_artifacts", lambda data: None)
+    # torch's own reaction to a corrupt blob (this torch: a logged warning and None; others raise)
+    monkeypatch.undo()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hdrq"):
         assert load_bundles(tmp_path) == 0
-    assert "b_good.bin" in caplog.text and "another torch version" in caplog.text
+    assert "a_broken.bin" in caplog.text and "b_good.bin" in caplog.text
 
 
 def test_bundle_names_follow_the_graphs_not_the_order(tmp_path, monkeypatch):

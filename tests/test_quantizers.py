@@ -13,7 +13,6 @@ from hdrq_lightning.quant.quantizers import (
     ActivationQuantizer,
     WeightQuantizer,
     batch_keep_mask,
-    batch_uniforms,
     fake_quantize_noise,
     flatten_in_memory_order,
     keep_mask,
@@ -462,7 +461,7 @@ def test_noise_gradients_are_the_chain_rule_of_the_textbook_form(per_channel: bo
 
 def test_drop_of_batch_slices_is_the_drop_of_the_whole_batch() -> None:
     """Two data-parallel ranks holding rows 0:2 and 2:4 of a channels-last batch (same seed) drop exactly what one
-    device with the 4 rows drops, and the input mixing's draws (batch_uniforms) slice the same way."""
+    device with the 4 rows drops, and the input mixing's masks (batch_keep_mask) slice the same way."""
     torch.manual_seed(3)
     x = torch.rand(4, 3, 5, 5).contiguous(memory_format=torch.channels_last) * 3
     quantizer = ActivationQuantizer(4)
@@ -477,17 +476,17 @@ def test_drop_of_batch_slices_is_the_drop_of_the_whole_batch() -> None:
     assert torch.equal(torch.cat([first, second]), whole)
     assert 0.3 < (whole == x).float().mean() < 0.7  # it does drop: about half the elements stay float
     torch.manual_seed(5)
-    expected = torch.rand(4, 2, 3)
+    expected = torch.rand(4, 2, 3) < 0.5
     slices = []
     for rows in ((4, 0, 1), (4, 1, 4)):
         torch.manual_seed(5)
-        slices.append(batch_uniforms(rows, (2, 3), torch.device("cpu")))
+        slices.append(batch_keep_mask(rows, (2, 3), torch.device("cpu"), 0.5))
     assert torch.equal(torch.cat(slices), expected)
 
 
 def test_keep_masks_without_the_kernel_are_the_torch_rand_draws():
     """Off CUDA (and with quant.runtime.mask_kernel off) QDrop's masks are ``torch.rand(...) < p`` as before, rows
-    of the global batch sliced as batch_uniforms slices them: asking for the kernel on the CPU changes nothing."""
+    of the global batch's draw sliced: asking for the kernel on the CPU changes nothing."""
     cpu = torch.device("cpu")
     for kernel in (False, True):
         torch.manual_seed(3)
@@ -497,4 +496,4 @@ def test_keep_masks_without_the_kernel_are_the_torch_rand_draws():
         torch.manual_seed(4)
         got = batch_keep_mask((8, 2, 6), (3,), cpu, 0.5, kernel)
         torch.manual_seed(4)
-        assert torch.equal(got, batch_uniforms((8, 2, 6), (3,), cpu) < 0.5)
+        assert torch.equal(got, (torch.rand(8, 3) < 0.5)[2:6])

@@ -92,7 +92,7 @@ class CompileBundlesCallback(Callback):
         self.loaded = 0  # bundles loaded at the last setup
 
     def _applies(self, pl_module: Any) -> bool:
-        return self.folder is not None and bool(getattr(pl_module.runtime, "compile", False))
+        return self.folder is not None and pl_module.runtime.compile
 
     def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
         self.loaded = 0

@@ -64,15 +64,6 @@ def scale_gradient(x: Tensor, factor: float) -> Tensor:
     return detached + (x - detached) * factor
 
 
-def batch_uniforms(rows: tuple[int, int, int], row_shape: tuple[int, ...], device: torch.device) -> Tensor:
-    """U[0, 1) draws for rows ``start:stop`` of a global batch of ``total`` rows (``rows = (total, start, stop)``),
-    each row of ``row_shape``: the global batch's draw sliced, so data-parallel ranks holding disjoint rows together
-    draw exactly what one device with the whole batch draws (QDrop's input mixing and in-block drop)."""
-    total, start, stop = rows
-    draws = torch.rand((total, *row_shape), device=device)
-    return draws if start == 0 and stop == total else draws[start:stop]
-
-
 @torch.library.custom_op("hdrq::keep_mask", mutates_args=())
 def _keep_mask(seed: Tensor, numel: int, prob: float) -> Tensor:
     return kernels.keep_mask(seed, numel, prob)
@@ -100,9 +91,9 @@ def keep_mask(shape: tuple[int, ...], prob: float, device: torch.device, kernel:
 
 def batch_keep_mask(rows: tuple[int, int, int], row_shape: tuple[int, ...], device: torch.device, prob: float,
                     kernel: bool = False) -> Tensor:
-    """``keep_mask`` for rows ``start:stop`` of a global batch (see ``batch_uniforms``): the global batch's mask
-    sliced, so data-parallel ranks draw together what one device draws. Without ``kernel``: exactly
-    ``batch_uniforms(rows, row_shape, device) < prob``."""
+    """``keep_mask`` for rows ``start:stop`` of a global batch of ``total`` rows (``rows = (total, start, stop)``),
+    each row of ``row_shape``: the global batch's mask sliced, so data-parallel ranks holding disjoint rows together
+    draw exactly what one device with the whole batch draws (QDrop's input mixing and in-block drop)."""
     total, start, stop = rows
     mask = keep_mask((total, *row_shape), prob, device, kernel)
     return mask if start == 0 and stop == total else mask[start:stop]
@@ -489,7 +480,7 @@ class ActivationQuantizer(_Quantizer):
     def set_drop(self, prob: float, batch_rows: tuple[int, int, int] | None = None, kernel: bool = False) -> None:
         """QDrop's in-block drop: each element keeps its float value with probability ``prob`` (0: off). The drop
         acts in training mode, which this sets too (the model around it may stay in eval mode, as under a
-        Trainer); ``batch_rows``: see ``batch_uniforms``; ``kernel``: see ``keep_mask``."""
+        Trainer); ``batch_rows``: see ``batch_keep_mask``; ``kernel``: see ``keep_mask``."""
         self.drop_prob, self.batch_rows = prob, batch_rows if prob > 0 else None
         self.mask_kernel = kernel
         self.train(prob > 0)
