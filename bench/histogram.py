@@ -1,4 +1,5 @@
-"""HDRQ's residual histogram on a GPU: torch.histc (masked input + zeros counted apart) vs the Triton kernel.
+"""HDRQ's residual histogram on a GPU: torch.histc (masked input + zeros counted apart) vs the Triton kernel, and the
+noise forward's CUDA kernel (quant/nvrtc.py) beside its Triton one.
 
     python bench/histogram.py --sizes 6422528 25690112
 
@@ -6,7 +7,8 @@ The inputs look like a scaled ReLU output (half exact zeros) with a 90% in-range
 a ResNet-50 layer1 block at batch 32 (6.4M and 25.7M elements). Prints ms per call (CUDA events, median of
 --repeats) and checks that both count the same. Then the noise forward's kernel (``scaled_residual_histogram``: the
 scaling and range test inside, on a bfloat16 input; a tensor-core counter, one-hot products in place of
-tl.histogram, timed 4.6 ms against its 0.115 ms on 6.4M elements on an H200 and was removed). First, the noise
+tl.histogram, timed 4.6 ms against its 0.115 ms on 6.4M elements on an H200 and was removed), and the NVRTC-compiled
+CUDA kernel that replaced it where it compiles, on the bfloat16 and float32 input. First, the noise
 draw's quantile table (us per call replayed in a CUDA graph): the package's scan kernel beside the comparison
 kernel it replaced and torch's searchsorted path.
 """
@@ -89,6 +91,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--configs", nargs="+", default=["2048x4x8"],
                         help="Triton launch choices BLOCKxWARPSxPROGRAMS_PER_SM to time (both kernels)")
+    parser.add_argument("--cuda-blocks", type=int, nargs="+", default=[2, 4, 8, 16],
+                        help="blocks per SM of the NVRTC-compiled CUDA kernel to time")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/histogram.py times a CUDA kernel: run it on a machine with a GPU.")
@@ -117,11 +121,27 @@ def main() -> None:
             block, warps, per_sm = (int(v) for v in config.split("x"))
             programs = max(1, min(-(-size // block), sms * per_sm))
             scaled = time_ms(lambda t=t, s=step, z=zero, b=block, w=warps, p=programs:
-                             kernels.scaled_residual_histogram(t, s, z, 0, 15, 256, programs=p, block=b, num_warps=w),
-                             args.repeats)
+                             kernels.scaled_residual_histogram(t, s, z, 0, 15, 256, programs=p, block=b, num_warps=w,
+                                                               backend="triton"), args.repeats)
             print(f"  scaled kernel on the bf16 input, {config}: {scaled:.3f} ms (reading it: {bf16_read:.3f} ms)",
                   flush=True)
-
+        # the NVRTC-compiled CUDA kernel (shared-memory atomics) beside the Triton kernel at its default launch,
+        # both replayed in a CUDA graph (what a captured step sees; the CUDA kernel's ctypes launch is slow eagerly)
+        for source in (t, t.float()):
+            expected = kernels.scaled_residual_histogram(source, step, zero, 0, 15, 256, backend="triton")
+            triton_us = captured_us(lambda t=source, s=step, z=zero: kernels.scaled_residual_histogram(
+                t, s, z, 0, 15, 256, backend="triton"), 20, 10)
+            timings = []
+            for per_sm in args.cuda_blocks:
+                blocks = max(1, min(-(-size // 1024), sms * per_sm))
+                counts = kernels.scaled_residual_histogram(source, step, zero, 0, 15, 256, programs=blocks,
+                                                           backend="cuda")
+                assert torch.equal(counts, expected), "the CUDA and Triton kernels count differently"
+                cuda_us = captured_us(lambda t=source, s=step, z=zero, b=blocks: kernels.scaled_residual_histogram(
+                    t, s, z, 0, 15, 256, programs=b, backend="cuda"), 20, 10)
+                timings.append(f"{per_sm}/SM {cuda_us:.1f}")
+            print(f"  in a CUDA graph, us per call on the {str(source.dtype)[6:]} input: Triton {triton_us:.1f}; "
+                  f"CUDA kernel (blocks per SM) {', '.join(timings)}", flush=True)
 
 if __name__ == "__main__":
     main()

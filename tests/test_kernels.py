@@ -215,24 +215,73 @@ def test_triton_histogram_counts_like_histc_in_the_interpreter():
     assert max(json.loads(lines[-1])) < 2e-6  # torch.optim.Adam's update, to float32 rounding (steps of 1e-2)
 
 
+def test_histogram_kernel_choice_is_checked(monkeypatch):
+    from hdrq_lightning.quant import nvrtc
+
+    monkeypatch.setenv("HDRQ_HISTOGRAM_KERNEL", "triton")
+    assert not nvrtc.wanted()
+    monkeypatch.setenv("HDRQ_HISTOGRAM_KERNEL", "fast")
+    with pytest.raises(ValueError, match="HDRQ_HISTOGRAM_KERNEL='fast'"):
+        nvrtc.wanted()
+    with pytest.raises(ValueError, match="unknown histogram backend"):
+        kernels.scaled_residual_histogram(torch.ones(3), torch.tensor(1.0), torch.tensor(0.0), 0, 15, 256,
+                                          backend="numpy")
+    # the warps' histograms fit the 48 KiB of static shared memory up to 1024 bins
+    assert nvrtc.supports(torch.bfloat16, 1024, 10) and not nvrtc.supports(torch.bfloat16, 2048, 10)
+    assert not nvrtc.supports(torch.float64, 256, 10) and not nvrtc.supports(torch.float32, 256, 2**31)
+    assert "typedef unsigned short storage_t" in nvrtc.source(torch.float16, True, 256)
+
+
 def test_scaled_histogram_op_is_histc_on_the_cpu():
     for case in scaled_cases():
         torch.testing.assert_close(scaled_residual_histogram(*case), scaled_expected(*case), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_scaled_triton_histogram_counts_like_histc_on_the_gpu():
-    """Every case takes the kernel (``scaled_available``) and counts what the torch computation counts."""
+def test_scaled_histogram_kernels_count_like_histc_on_the_gpu(backend, monkeypatch):
+    """Every case takes the kernel (``scaled_available``) and counts what the torch computation counts, with either
+    backend (the Triton kernel, the NVRTC-compiled CUDA one): float32 / bfloat16 / float16, ragged and misaligned
+    lengths (the CUDA kernel's scalar tail and unvectorised loads), per-row steps; also through the op in a compiled
+    function."""
+    monkeypatch.setenv("HDRQ_HISTOGRAM_KERNEL", backend)
     for t, scale, zero_point, qmin, qmax, bins in scaled_cases("cuda"):
         assert kernels.scaled_available(t, scale)
         expected = scaled_expected(t, scale, zero_point, qmin, qmax, bins)
+        torch.testing.assert_close(kernels.scaled_residual_histogram(t, scale, zero_point, qmin, qmax, bins,
+                                                                     backend=backend), expected, rtol=0, atol=0)
         torch.testing.assert_close(scaled_residual_histogram(t, scale, zero_point, qmin, qmax, bins), expected,
                                    rtol=0, atol=0)
-    big = torch.relu(torch.randn(32 * 256 * 56 * 56, device="cuda")) * 2.3
+    big = torch.relu(torch.randn(32 * 256 * 56 * 56 + 13, device="cuda")) * 2.3
     one = torch.tensor(0.29, device="cuda")
+    for t in (big, big.bfloat16(), big.half(), big[5:].bfloat16(), big[3:]):  # the last two start unaligned
+        torch.testing.assert_close(kernels.scaled_residual_histogram(t, one, one * 0, 0, 15, 256, backend=backend),
+                                   scaled_expected(t, one, one * 0, 0, 15, 256), rtol=0, atol=0)
     compiled = torch.compile(lambda t: scaled_residual_histogram(t * 1.0, one, one * 0, 0, 15), dynamic=False)
     torch.testing.assert_close(compiled(big), scaled_expected(big, one, one * 0, 0, 15, 256), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_histogram_kernel_in_a_cuda_graph(monkeypatch):
+    """The NVRTC kernel is compiled at the warm-up and replays in a captured graph, counting the new contents."""
+    monkeypatch.setenv("HDRQ_HISTOGRAM_KERNEL", "cuda")
+    x, _ = adversarial(300_001)
+    x = x.cuda().bfloat16()
+    scale, zero = torch.tensor(0.3, device="cuda"), torch.tensor(0.0, device="cuda")
+    static = torch.zeros_like(x)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        scaled_residual_histogram(static, scale, zero, -8, 7)  # warm-up: compiles the kernel outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        counts = scaled_residual_histogram(static, scale, zero, -8, 7)
+    static.copy_(x)
+    graph.replay()
+    torch.testing.assert_close(counts, scaled_expected(x, scale, zero, -8, 7, 256), rtol=0, atol=0)
 
 
 @pytest.mark.gpu

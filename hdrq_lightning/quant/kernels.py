@@ -4,7 +4,8 @@ HDRQ's per-step residual histogram: the torch path needs its input masked into a
 zeros apart and lets ``torch.histc`` increment shared bins with atomics. ``residual_histogram`` reads the scaled
 tensor (and mask) once; every program counts its share in a private histogram (``tl.histogram``) and adds it to the
 global counts once (bench/histogram.py measures both; bench/results/histogram_h100.md). ``scaled_residual_histogram``
-(what the noise forward uses) computes the scaled tensor and the range test itself from the quantizer's input.
+(what the noise forward uses) computes the scaled tensor and the range test itself from the quantizer's input; where
+NVRTC compiles it, a CUDA C kernel with shared-memory atomics counts instead (quant/nvrtc.py, the same counts).
 Counts are exact integers (int32 accumulators), equal to torch.histc's. ``quantile_table`` turns counts into the
 noise draw's inverse-CDF table in one kernel.
 
@@ -21,6 +22,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from hdrq_lightning.quant import nvrtc
 
 try:
     import triton
@@ -317,9 +320,16 @@ def quantile_table(counts: Tensor, slots: int, empty_weight: float, dtype: torch
 
 def scaled_residual_histogram(t: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, bins: int,
                               programs: int | None = None, block: int = _BLOCK,
-                              num_warps: int = _NUM_WARPS) -> Tensor:
+                              num_warps: int = _NUM_WARPS, backend: str = "auto") -> Tensor:
     """float32 counts of ``round(x) - x`` for ``x = t / scale + zero_point`` where ``qmin < x < qmax``, in ``bins``
-    bins over [-1/2, 1/2] (torch.histc's), reading ``t`` once; see ``scaled_available`` for what it takes."""
+    bins over [-1/2, 1/2] (torch.histc's), reading ``t`` once; see ``scaled_available`` for what it takes.
+
+    ``backend``: "auto" counts with the NVRTC-compiled CUDA kernel (quant/nvrtc.py: shared-memory atomics) where it
+    compiles and takes the input, else with the Triton kernel; "cuda" or "triton" insist on one (benchmarks, tests).
+    Both count exactly the same. ``programs``: the grid (Triton programs or CUDA blocks; default a few per SM);
+    ``block`` and ``num_warps``: the Triton kernel's launch."""
+    if backend not in ("auto", "cuda", "triton"):
+        raise ValueError(f"unknown histogram backend {backend!r}: use auto, cuda or triton")
     if bins & (bins - 1):
         raise ValueError(f"the Triton histogram needs a power-of-two bin count, got {bins}")
     per_row = scale.numel() > 1
@@ -329,14 +339,24 @@ def scaled_residual_histogram(t: Tensor, scale: Tensor, zero_point: Tensor, qmin
     n = flat.numel()
     counts = torch.zeros(bins, dtype=torch.int32, device=t.device)
     if n:
-        if programs is None:
-            sms = torch.cuda.get_device_properties(t.device).multi_processor_count
-            programs = max(1, min(triton.cdiv(n, block), sms * _PROGRAMS_PER_SM))
+        sms = torch.cuda.get_device_properties(t.device).multi_processor_count if programs is None else 0
         scale = scale.detach().reshape(-1).to(torch.float32).contiguous()
         zero_point = zero_point.detach().reshape(-1).to(torch.float32).contiguous()
-        _scaled_residual_histogram_kernel[(programs,)](flat, scale, zero_point, counts, n, n // max(1, scale.numel()),
-                                                       float(qmin), float(qmax), PER_ROW=per_row, BINS=bins,
-                                                       BLOCK=block, num_warps=num_warps)
+        inner = n // max(1, scale.numel())
+        cuda_kernel = (nvrtc.compile_histogram(flat.dtype, per_row, bins, t.device)
+                       if backend != "triton" and t.is_cuda and nvrtc.wanted() and nvrtc.supports(flat.dtype, bins, n)
+                       else None)  # (CPU tensors: Triton's interpreter)
+        if backend == "cuda" and cuda_kernel is None:
+            raise RuntimeError("the CUDA histogram kernel is not available for this input (nvrtc.supports, "
+                               "HDRQ_HISTOGRAM_KERNEL, or NVRTC failed to compile: see the warning)")
+        if cuda_kernel is not None:
+            blocks = programs or max(1, min(triton.cdiv(n, nvrtc.THREADS * 4), sms * nvrtc.BLOCKS_PER_SM))
+            nvrtc.launch_histogram(cuda_kernel, flat, scale, zero_point, counts, inner, qmin, qmax, blocks)
+        else:
+            programs = programs or max(1, min(triton.cdiv(n, block), sms * _PROGRAMS_PER_SM))
+            _scaled_residual_histogram_kernel[(programs,)](flat, scale, zero_point, counts, n, inner, float(qmin),
+                                                           float(qmax), PER_ROW=per_row, BINS=bins, BLOCK=block,
+                                                           num_warps=num_warps)
     return counts.to(torch.float32)
 
 
