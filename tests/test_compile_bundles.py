@@ -79,14 +79,14 @@ def test_a_bundle_that_does_not_load_is_named_and_skipped(tmp_path, monkeypatch,
 
     monkeypatch.setattr(compile_bundles.torch.compiler, "load_cache_artifacts", load)
     with caplog.at_level(logging.WARNING, logger="hdrq"):
-        assert load_bundles(tmp_path) == 1
+        assert load_bundles(tmp_path) == (1, set())
     assert seen == [b"not a bundle", b"fine"]
     assert "a_broken.bin" in caplog.text and "checksum does not match" in caplog.text
     # torch's own reaction to a corrupt blob (this torch: a logged warning and None; others raise)
     monkeypatch.undo()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hdrq"):
-        assert load_bundles(tmp_path) == 0
+        assert load_bundles(tmp_path) == (0, set())
     assert "a_broken.bin" in caplog.text and "b_good.bin" in caplog.text
 
 
@@ -105,10 +105,35 @@ def test_bundle_names_follow_the_graphs_not_the_order(tmp_path, monkeypatch):
     assert save_bundle(tmp_path / "empty") is None and not (tmp_path / "empty").exists()
 
 
+def test_a_run_that_only_loaded_adds_no_bundle(tmp_path, monkeypatch):
+    """A run whose graphs all came from the loaded bundles writes none, also where it autotuned a kernel anew (its
+    list then hashes to another name); one new graph: a bundle."""
+    loaded = {"inductor": ["k1", "k2"], "aot_autograd": ["a1"], "autotune": ["t1"]}
+    (tmp_path / "first.bin").write_bytes(b"first")
+    monkeypatch.setattr(compile_bundles.torch.compiler, "load_cache_artifacts",
+                        lambda data: SimpleNamespace(artifacts=loaded))
+    count, known = load_bundles(tmp_path)
+    assert count == 1 and known == {"inductor:k1", "inductor:k2", "aot_autograd:a1", "autotune:t1"}
+    subset = {"inductor": ["k2", "k1"], "aot_autograd": ["a1"]}
+    monkeypatch.setattr(compile_bundles.torch.compiler, "save_cache_artifacts",
+                        lambda: (b"again", SimpleNamespace(artifacts=subset)))
+    assert save_bundle(tmp_path, known) is None and sorted(p.name for p in tmp_path.iterdir()) == ["first.bin"]
+    # what a GPU run that loaded every graph showed: one autotuning result of its own, no new graph
+    retuned = {**subset, "autotune": ["t1", "t2"]}
+    monkeypatch.setattr(compile_bundles.torch.compiler, "save_cache_artifacts",
+                        lambda: (b"retuned", SimpleNamespace(artifacts=retuned)))
+    assert save_bundle(tmp_path, known) is None and sorted(p.name for p in tmp_path.iterdir()) == ["first.bin"]
+    grown = {**subset, "inductor": ["k1", "k2", "k3"]}
+    monkeypatch.setattr(compile_bundles.torch.compiler, "save_cache_artifacts",
+                        lambda: (b"more", SimpleNamespace(artifacts=grown)))
+    path = save_bundle(tmp_path, known)
+    assert path.name == bundle_name(grown) and path.read_bytes() == b"more"
+
+
 def test_the_callback_does_nothing_without_compile_and_survives_a_failed_save(tmp_path, monkeypatch, caplog):
     calls = []
-    monkeypatch.setattr(compile_bundles, "load_bundles", lambda folder: calls.append("load") or 1)
-    monkeypatch.setattr(compile_bundles, "save_bundle", lambda folder: calls.append("save"))
+    monkeypatch.setattr(compile_bundles, "load_bundles", lambda folder: calls.append("load") or (1, {"k"}))
+    monkeypatch.setattr(compile_bundles, "save_bundle", lambda folder, known: calls.append("save"))
     eager = SimpleNamespace(runtime=Runtime(compile=False))
     callback = CompileBundlesCallback(str(tmp_path))
     with caplog.at_level(logging.INFO, logger="hdrq"):
@@ -118,7 +143,8 @@ def test_the_callback_does_nothing_without_compile_and_survives_a_failed_save(tm
     CompileBundlesCallback(None).setup(None, SimpleNamespace(runtime=Runtime(compile=True)), "fit")
     assert calls == []
 
-    def fail(folder):
+    def fail(folder, known):
+        assert known == {"k"}  # what was loaded: not written again
         raise OSError("No space left on device")
 
     monkeypatch.setattr(compile_bundles, "save_bundle", fail)
