@@ -182,8 +182,9 @@ def main() -> None:
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=8)
-    parser.add_argument("--paths", nargs="+", default=["eager"], choices=["eager", "graphs", "fast"],
-                        help="the engine's paths timed beside the official step (graphs: eager kernels in CUDA graphs)")
+    parser.add_argument("--paths", nargs="+", default=["eager"], choices=["eager", "eager_masks", "graphs", "fast"],
+                        help="the engine's paths timed beside the official step (graphs: eager kernels in CUDA graphs; "
+                             "eager_masks: eager with the mask kernels, mask_kernel=true)")
     parser.add_argument("--profile", action="store_true", help="also count kernels and host time per step")
     parser.add_argument("--table", default="layer3.plain", help="unit type whose kernels are listed (--profile)")
     parser.add_argument("--tf32", default="default", choices=["default", "on", "off"],

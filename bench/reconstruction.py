@@ -57,8 +57,10 @@ def preset(method: str) -> dict[str, Any]:
 PRESETS = {method: preset(method) for method in METHODS}
 PATHS = {
     "eager": Runtime(compile=False, channels_last=False, tf32=None, fused_optimizer=False),  # as `hdrq quantize`
+    # the eager path with the mask kernels (its default between 5a73cda and the auto setting: slower, host-bound)
+    "eager_masks": Runtime(compile=False, channels_last=False, tf32=None, fused_optimizer=False, mask_kernel=True),
     # the paths measured before the mask kernels keep torch's masks (mask_kernel=False), so their names keep
-    # meaning what bench/results measured; "eager" follows `hdrq quantize`'s defaults (mask kernels on CUDA)
+    # meaning what bench/results measured; "eager" follows `hdrq quantize`'s defaults (torch's masks uncaptured)
     "graphs": Runtime(cuda_graphs=True, channels_last=True, tf32=True, fused_optimizer=True, mask_kernel=False),
     "fast": Runtime(compile=True, cuda_graphs=True, channels_last=True, tf32=True, fused_optimizer=True,
                     mask_kernel=False),

@@ -119,8 +119,11 @@ class Runtime:
     fused_optimizer: bool = True      # fused Adam on CUDA
     adam_kernel: bool = True          # captured steps: Adam by a per-tensor Triton kernel (all SMs busy on small
                                       # units); false: torch's fused Adam there too
-    mask_kernel: bool = True          # CUDA: QDrop's drop masks and input mixing by Triton kernels (4 elements per
-                                      # Philox call; same distribution, other draws); false: torch.rand(...) < p
+    mask_kernel: bool | None = None   # CUDA: QDrop's drop masks and input mixing by Triton kernels (4 elements per
+                                      # Philox call; same distribution, other draws); false: torch.rand(...) < p;
+                                      # null: the kernels where the step is captured (cuda_graphs), torch's masks
+                                      # elsewhere (an uncaptured step is host-bound: a Triton launch from Python
+                                      # costs more host time than the draw it saves). Resolved when built.
     steps_per_batch: int = 1          # engine iterations per Lightning batch (amortises the loop's overhead)
     cache_device: str = "auto"        # unit caches: auto (GPU within the budget, else pinned host) | device | host
     cache_budget_gib: float | None = None  # GPU memory the caches may use; null: 60% of the free memory
@@ -134,6 +137,8 @@ class Runtime:
         if self.compile_bundles is not None and Path(self.compile_bundles).expanduser().is_file():
             raise ConfigError(f"quant.runtime.compile_bundles={self.compile_bundles!r} is a file; give a folder "
                               "(its *.bin bundles are loaded, this run's is added to it).")
+        if self.mask_kernel is None:  # resolved here, not per use: a copy with cuda_graphs off (the compile-ahead
+            self.mask_kernel = self.cuda_graphs  # worker's twin) keeps compiling the engine's graphs
         for name in ("steps_per_batch", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"quant.runtime.{name} must be a positive integer.")
