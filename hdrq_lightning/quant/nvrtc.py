@@ -1,18 +1,21 @@
-"""HDRQ's residual histogram as a CUDA C kernel compiled at run time by NVRTC (``torch.cuda._compile_kernel``).
+"""HDRQ's residual histogram as a CUDA C kernel compiled at run time by NVRTC.
 
-Triton has no shared-memory atomics: its ``tl.histogram`` counts a block by warp ballots, one per bin bit, and a
-popcount per (bin, bit), about 90 integer instructions per element for 256 bins, so the Triton kernel runs 7x
-slower than reading its input (bench/results/histogram_h200_launch.txt). Here every warp counts into its own
-256-bin histogram in shared memory with one atomic increment per element that lands in range, the block sums its
-warps' histograms and adds them to the global counts once. It computes exactly what the Triton kernel
+Triton exposes no shared-memory atomics; its ``tl.histogram`` counts with warp ballots (one per bin bit) and
+popcounts, work that grows with the bins (our reading of its lowering), and the Triton kernel runs 7x slower than
+reading its input whatever its launch grid (bench/results/histogram_h200_launch.txt). Here every warp counts into
+its own histogram in shared memory with one atomic increment per element that lands in range, the block sums its
+warps' histograms and adds them to the global counts once (2x the Triton kernel's speed on an H200:
+bench/results/histogram_h200_cuda.txt). It computes exactly what the Triton kernel
 (``kernels._scaled_residual_histogram_kernel``) and torch compute: ``x = t / scale + zero_point`` with IEEE
 division and no fused multiply-add, ``round(x) - x`` with torch.round's ties to even, torch.histc's bin; the counts
 are integers, so the two kernels agree bit for bit (tests/test_kernels.py checks both against torch.histc).
 
 The kernel is compiled once per (input dtype, per-row step, bins, device) on its first call, which is a warm-up
 step outside any CUDA-graph capture (compiling during a capture is refused), by the NVRTC library that torch's CUDA
-wheels carry (no CUDA toolkit needed). Where it cannot be compiled (no NVRTC, a GPU newer than it, a torch without
-the loader) ``compile_histogram`` returns None, once with a warning, and the Triton kernel counts. ``HDRQ_HISTOGRAM_KERNEL=triton`` in the environment chooses the Triton kernel always.
+wheels carry (no CUDA toolkit needed), and loaded by torch's module loader (what ``torch.cuda._compile_kernel``
+uses). Where it cannot be compiled (no NVRTC, a GPU newer than it, a torch without the loader) ``compile_histogram``
+returns None, once with a warning, and the Triton kernel counts. ``HDRQ_HISTOGRAM_KERNEL=triton`` in the environment
+chooses the Triton kernel always.
 """
 
 from __future__ import annotations
