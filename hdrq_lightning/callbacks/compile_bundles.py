@@ -5,10 +5,10 @@ Inductor's on-disk caches (FX graphs, AOT-autograd graphs, Triton kernels, autot
 ``torch.compiler.load_cache_artifacts`` writes such a blob into another machine's caches. With
 ``quant.runtime.compile_bundles=<folder>`` (and ``compile`` on) the quantize stage loads every bundle in the folder
 before anything compiles (so the engine and the compile-ahead worker both find their graphs), and when training
-ends adds its own: ``<folder>/<hash of the artifacts' keys>.bin``, written atomically, and not when the loaded
-bundles held every artifact of the run or a bundle with the same keys is there (every job of a sweep over one
-configuration compiles the same graphs; other bit widths or models add their own file). Under DDP every rank adds its own (their graphs differ in the batch
-slice and the device index).
+ends adds its own: ``<folder>/<hash of the artifacts' keys>.bin``, written atomically; not when the loaded bundles
+held every graph of the run (autotuning results aside) or a bundle with the same keys is there (every job of a sweep
+over one configuration compiles the same graphs; other bit widths or models add their own file). Under DDP every
+rank adds its own (their graphs differ in the batch slice and the device index).
 
 A bundle hits only where the cache keys match: the same torch and Triton versions, the same GPU model and the
 same graphs (architecture, quantizer settings, runtime, shapes). Best effort, like the compile-ahead worker: a
