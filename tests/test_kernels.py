@@ -218,11 +218,19 @@ def test_triton_histogram_counts_like_histc_in_the_interpreter():
 def test_histogram_kernel_choice_is_checked(monkeypatch):
     from hdrq_lightning.quant import nvrtc
 
+    monkeypatch.delenv("HDRQ_HISTOGRAM_KERNEL", raising=False)
+    assert nvrtc.choice() == ("triton" if torch.version.hip else "auto")
     monkeypatch.setenv("HDRQ_HISTOGRAM_KERNEL", "triton")
-    assert not nvrtc.wanted()
+    assert nvrtc.choice() == "triton"
     monkeypatch.setenv("HDRQ_HISTOGRAM_KERNEL", "fast")
     with pytest.raises(ValueError, match="HDRQ_HISTOGRAM_KERNEL='fast'"):
-        nvrtc.wanted()
+        nvrtc.choice()
+    # asked for, the CUDA kernel is there or an error names what it does not take (here: a CPU tensor)
+    monkeypatch.setenv("HDRQ_HISTOGRAM_KERNEL", "cuda")
+    if kernels.triton is not None:
+        with pytest.raises(RuntimeError, match="float32 cpu tensor of 3 elements in 256 bins"):
+            kernels.scaled_residual_histogram(torch.ones(3), torch.tensor(1.0), torch.tensor(0.0), 0, 15, 256,
+                                              programs=3)
     with pytest.raises(ValueError, match="unknown histogram backend"):
         kernels.scaled_residual_histogram(torch.ones(3), torch.tensor(1.0), torch.tensor(0.0), 0, 15, 256,
                                           backend="numpy")
@@ -265,7 +273,8 @@ def test_scaled_histogram_kernels_count_like_histc_on_the_gpu(backend, monkeypat
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_histogram_kernel_in_a_cuda_graph(monkeypatch):
-    """The NVRTC kernel is compiled at the warm-up and replays in a captured graph, counting the new contents."""
+    """The NVRTC kernel (asked for: no silent fallback to Triton's) is compiled at the warm-up at the latest and
+    replays in a captured graph, counting the new contents."""
     monkeypatch.setenv("HDRQ_HISTOGRAM_KERNEL", "cuda")
     x, _ = adversarial(300_001)
     x = x.cuda().bfloat16()

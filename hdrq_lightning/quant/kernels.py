@@ -324,8 +324,8 @@ def scaled_residual_histogram(t: Tensor, scale: Tensor, zero_point: Tensor, qmin
     """float32 counts of ``round(x) - x`` for ``x = t / scale + zero_point`` where ``qmin < x < qmax``, in ``bins``
     bins over [-1/2, 1/2] (torch.histc's), reading ``t`` once; see ``scaled_available`` for what it takes.
 
-    ``backend``: "auto" counts with the NVRTC-compiled CUDA kernel (quant/nvrtc.py: shared-memory atomics) where it
-    compiles and takes the input, else with the Triton kernel; "cuda" or "triton" insist on one (benchmarks, tests).
+    ``backend``: "auto" follows ``HDRQ_HISTOGRAM_KERNEL`` (``nvrtc.choice``; unset: the NVRTC-compiled CUDA kernel,
+    quant/nvrtc.py, where it compiles and takes the input, else the Triton kernel); "cuda" or "triton" insist on one.
     Both count exactly the same. ``programs``: the grid (Triton programs or CUDA blocks; default a few per SM);
     ``block`` and ``num_warps``: the Triton kernel's launch."""
     if backend not in ("auto", "cuda", "triton"):
@@ -343,12 +343,14 @@ def scaled_residual_histogram(t: Tensor, scale: Tensor, zero_point: Tensor, qmin
         scale = scale.detach().reshape(-1).to(torch.float32).contiguous()
         zero_point = zero_point.detach().reshape(-1).to(torch.float32).contiguous()
         inner = n // max(1, scale.numel())
+        choice = nvrtc.choice() if backend == "auto" else backend  # the argument overrides the environment
         cuda_kernel = (nvrtc.compile_histogram(flat.dtype, per_row, bins, t.device)
-                       if backend != "triton" and t.is_cuda and nvrtc.wanted() and nvrtc.supports(flat.dtype, bins, n)
+                       if choice != "triton" and t.is_cuda and nvrtc.supports(flat.dtype, bins, n)
                        else None)  # (CPU tensors: Triton's interpreter)
-        if backend == "cuda" and cuda_kernel is None:
-            raise RuntimeError("the CUDA histogram kernel is not available for this input (nvrtc.supports, "
-                               "HDRQ_HISTOGRAM_KERNEL, or NVRTC failed to compile: see the warning)")
+        if choice == "cuda" and cuda_kernel is None:
+            raise RuntimeError(f"the CUDA histogram kernel was asked for (backend={backend!r}, HDRQ_HISTOGRAM_KERNEL) "
+                               f"but does not count this input: a {flat.dtype} {t.device.type} tensor of {n} elements "
+                               f"in {bins} bins (nvrtc.supports), or NVRTC failed to compile it (see the warning)")
         if cuda_kernel is not None:
             blocks = programs or max(1, min(triton.cdiv(n, nvrtc.THREADS * 4), sms * nvrtc.BLOCKS_PER_SM))
             nvrtc.launch_histogram(cuda_kernel, flat, scale, zero_point, counts, inner, qmin, qmax, blocks)

@@ -14,8 +14,8 @@ The kernel is compiled once per (input dtype, per-row step, bins, device) on its
 step outside any CUDA-graph capture (compiling during a capture is refused), by the NVRTC library that torch's CUDA
 wheels carry (no CUDA toolkit needed), and loaded by torch's module loader (what ``torch.cuda._compile_kernel``
 uses). Where it cannot be compiled (no NVRTC, a GPU newer than it, a torch without the loader) ``compile_histogram``
-returns None, once with a warning, and the Triton kernel counts. ``HDRQ_HISTOGRAM_KERNEL=triton`` in the environment
-chooses the Triton kernel always.
+returns None, once with a warning, and the Triton kernel counts. ``HDRQ_HISTOGRAM_KERNEL`` in the environment:
+``triton`` chooses the Triton kernel always, ``cuda`` the CUDA kernel or an error (``choice``).
 """
 
 from __future__ import annotations
@@ -117,12 +117,13 @@ def supports(dtype: torch.dtype, bins: int, numel: int) -> bool:
     return dtype in _STORAGE and bins * THREADS // 32 * 4 <= 48 * 1024 and numel <= MAX_ELEMENTS
 
 
-def wanted() -> bool:
-    """Whether the NVRTC kernel is to be tried (``HDRQ_HISTOGRAM_KERNEL`` is unset, ``auto`` or ``cuda``)."""
-    choice = os.environ.get("HDRQ_HISTOGRAM_KERNEL", "auto")
-    if choice not in ("auto", "cuda", "triton"):
-        raise ValueError(f"HDRQ_HISTOGRAM_KERNEL={choice!r}: use auto, cuda or triton")
-    return choice != "triton" and torch.version.hip is None
+def choice() -> str:
+    """``HDRQ_HISTOGRAM_KERNEL``: "auto" (unset: the CUDA kernel where it compiles, else Triton's), "cuda" (the CUDA
+    kernel or an error) or "triton"; on ROCm "auto" is Triton's."""
+    value = os.environ.get("HDRQ_HISTOGRAM_KERNEL", "auto")
+    if value not in ("auto", "cuda", "triton"):
+        raise ValueError(f"HDRQ_HISTOGRAM_KERNEL={value!r}: use auto, cuda or triton")
+    return "triton" if value == "auto" and torch.version.hip is not None else value
 
 
 def compile_histogram(dtype: torch.dtype, per_row: bool, bins: int, device: torch.device) -> Any | None:
