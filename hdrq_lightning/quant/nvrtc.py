@@ -190,6 +190,7 @@ def launch_histogram(kernel: Any, flat: Tensor, scale: Tensor, zero_point: Tenso
     current stream. ``scale``/``zero_point``: float32, one value or one per run of ``inner`` elements."""
     if flat.numel() > MAX_ELEMENTS:
         raise ValueError(f"the CUDA histogram counts at most {MAX_ELEMENTS} elements, got {flat.numel()}")
-    kernel(grid=(blocks, 1, 1), block=(THREADS, 1, 1),
-           args=[flat, scale, zero_point, counts, flat.numel(), inner, float(qmin), float(qmax),
-                 int(flat.data_ptr() % 16 == 0)])
+    with torch.cuda.device(flat.device):  # the module was loaded in that device's context; its current stream
+        kernel(grid=(blocks, 1, 1), block=(THREADS, 1, 1),
+               args=[flat, scale, zero_point, counts, flat.numel(), inner, float(qmin), float(qmax),
+                     int(flat.data_ptr() % 16 == 0)])
