@@ -27,7 +27,7 @@ from pathlib import Path
 _FAST = ["quant.runtime.compile=true", "quant.runtime.cuda_graphs=true", "quant.runtime.channels_last=true",
          "quant.runtime.tf32=true", "quant.runtime.steps_per_batch=25"]
 PATHS = {
-    "eager": [],  # `hdrq quantize`'s defaults (on CUDA: QDrop's masks by the mask kernels)
+    "eager": [],  # `hdrq quantize`'s defaults (uncaptured: torch's QDrop masks, mask_kernel=null)
     # the paths measured before the mask kernels keep torch's masks, so their names keep their measured meaning
     "fast": [*_FAST, "quant.runtime.mask_kernel=false"],
     "fast_bf16": [*_FAST, "quant.runtime.bf16=true", "quant.runtime.mask_kernel=false"],  # + bf16 convolutions

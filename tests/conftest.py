@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from tiny import CONF_DIR, TINY
+from tiny import CONF_DIR, ONE_TARGET, TINY
 
 from hdrq_lightning.callbacks.compile_ahead import apply_precision_settings, precision_settings
 from hdrq_lightning.stages.adapt import run_adapt
@@ -77,7 +77,7 @@ def finished_once(tmp_path_factory):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             def cfg(stage, *overrides):
-                return compose("config", overrides=[f"stage={stage}", *TINY, "data.targets=[negative]", *overrides])
+                return compose("config", overrides=[f"stage={stage}", *TINY, ONE_TARGET, *overrides])
 
             run_source(cfg("source"))
             run_adapt(cfg("adapt"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from tiny import TINY
+from tiny import ONE_TARGET, TINY
 
 from hdrq_lightning.artifacts import StageRun, save_weights
 from hdrq_lightning.errors import ArtifactError, ConfigError
@@ -22,8 +22,6 @@ from hdrq_lightning.stages.evaluate import run_evaluate
 from hdrq_lightning.stages.merge import run_merge
 from hdrq_lightning.stages.quantize import run_quantize
 from hdrq_lightning.stages.source import run_source
-
-ONE_TARGET = "data.targets=[negative]"
 
 
 def _tree(root: Path) -> dict[str, int]:

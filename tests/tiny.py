@@ -23,3 +23,6 @@ TINY = [
     "pipeline.pmq.merges=[ties]",
     "pipeline.pmq.methods=[gptq,epmq]",
 ]
+
+# One digits target: what the finished-runs fixtures (conftest.py) and the tests using them run.
+ONE_TARGET = "data.targets=[negative]"
